@@ -1,0 +1,69 @@
+"""Builds IR: appends nodes to the innermost open region, names values, runs shape rules."""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any
+
+from archc.errors import ArchError, Span
+from archc.ir.core import Node, Region, Value
+from archc.ir.ops import OPS, Op, ShapeError
+from archc.ir.shapes import TensorType
+
+_LEGAL = re.compile(r"[^A-Za-z0-9_]")
+
+
+class Namer:
+    """Unique SSA names: the user's name, then name.1, name.2, ... (deterministic)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def fresh(self, hint: str) -> str:
+        base = _LEGAL.sub("_", hint) or "v"
+        n = self.counts.get(base, 0)
+        self.counts[base] = n + 1
+        return base if n == 0 else f"{base}.{n}"
+
+
+class Builder:
+    def __init__(self):
+        self.namer = Namer()
+        self._stack: list[list[Node]] = [[]]
+
+    def value(self, hint: str, type_: TensorType) -> Value:
+        return Value(self.namer.fresh(hint), type_)
+
+    def emit(self, op: Op, inputs: list[Value], attrs: dict[str, Any] | None = None, span: Span | None = None,
+             names: list[str] | None = None, out_types: list[TensorType] | None = None,
+             regions: tuple[Region, ...] = ()) -> list[Value]:
+        attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
+        if out_types is None:
+            rule = OPS[op].rule
+            assert rule is not None, f"{op} needs explicit output types"
+            try:
+                out_types = rule([v.type for v in inputs], attrs)
+            except ShapeError as err:
+                raise ArchError(str(err), span) from None
+        names = names or [op.value] * len(out_types)
+        outs = [self.value(n, t) for n, t in zip(names, out_types)]
+        self._stack[-1].append(Node.make(op, [v.name for v in inputs], outs, attrs, regions, span))
+        return outs
+
+    def emit1(self, op: Op, inputs: list[Value], attrs: dict[str, Any] | None = None, span: Span | None = None,
+              name: str | None = None) -> Value:
+        return self.emit(op, inputs, attrs, span, names=[name] if name else None)[0]
+
+    @contextmanager
+    def region(self):
+        """Collect the nodes emitted inside the `with` block into a fresh list."""
+        nodes: list[Node] = []
+        self._stack.append(nodes)
+        try:
+            yield nodes
+        finally:
+            self._stack.pop()
+
+    @property
+    def top(self) -> list[Node]:
+        return self._stack[0]

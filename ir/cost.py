@@ -1,0 +1,408 @@
+"""A symbolic (sympy) cost model: parameters, forward FLOPs, activation bytes and KV-cache bytes.
+
+Every quantity is a formula in the graph's symbols, so one `cost(g)` answers for every size. The
+per-op FLOP counts live in `FLOPS` (one entry per non-region op), the region rules in `REGIONS`,
+and the caching policies that scale the KV cache in `KV_POLICIES`. Counting conventions:
+
+* a multiply-add is 2 FLOPs; elementwise ops cost a small constant per output element
+  (`PER_ELEMENT`), reductions a constant per *input* element (`PER_INPUT_ELEMENT`);
+* `attend` costs 2*(dh+dv) per (query, key) pair for the two matmuls plus 5 for the softmax; the
+  pair count is Tq*Tk, halved when causal with Tq == Tk (plus P**2/2 for a bidirectional prefix of
+  length P); with a window w it is Tq*m - m**2/2 (causal) or Tq*m (not), m = Min(w, Tk);
+* loops sum their body over the loop symbol (`sympy.summation`, left as an unevaluated `Sum` when
+  there is no closed form); `halt_loop` counts every trip (the worst case); `scan` runs its body
+  ceiling(T/size) times; `route_topk` runs its body at the compacted length its region types carry,
+  `route_mask` at full length (an upper bound); both add top-k/gating work per element;
+* activation bytes count every node output except `param` views, with no reuse (an upper bound);
+* the KV cache holds f32 K and V of every `attend` for the whole sequence: once per loop trip, once
+  per loop if `kv_share="recursion"`, nothing if `kv_share="from:<site>"` (it reads another
+  site's cache), scaled by the graph's policies that target the node's `site`.
+"""
+from __future__ import annotations
+
+from collections import ChainMap
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sympy
+
+from archc.ir.core import Graph, Node, Policy, Region
+from archc.ir.ops import OPS, Group, Op
+from archc.ir.shapes import BOOL, F32, I64, DType, TensorType, as_expr, dims_equal, expr_str, sym
+
+DTYPE_BYTES: dict[DType, int] = {F32: 4, I64: 8, BOOL: 1}
+KV_BYTES = 4                     # the cache stores f32 keys and values
+SOFTMAX_PER_SCORE = 5            # max, subtract, exp, sum, divide per attention score
+ZERO = sympy.Integer(0)
+
+QUANTITIES = ("params", "flops", "activation_bytes", "kv_cache_bytes")
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: sympy.Expr
+    flops: sympy.Expr
+    activation_bytes: sympy.Expr
+    kv_cache_bytes: sympy.Expr
+    defaults: tuple[tuple[str, Any], ...] = ()   # the graph's symbol defaults, under `bindings`
+
+    def evaluate(self, bindings: dict[str, float | int] | None = None) -> dict[str, float]:
+        """Numbers for every quantity; raises ValueError naming any symbol left unbound."""
+        subs = _bindings(self.defaults, bindings)
+        out = {}
+        for q in QUANTITIES:
+            v = _substitute(getattr(self, q), subs)
+            if not v.is_number:
+                names = ", ".join(sorted(s.name for s in v.free_symbols))
+                raise ValueError(f"cannot evaluate {q}: no value for {names}")
+            out[q] = float(v)
+        return out
+
+    def table(self, bindings: dict[str, float | int] | None = None) -> str:
+        """One row per quantity: its formula and, when `bindings` is given, its value."""
+        rows = [(q, expr_str(getattr(self, q))) for q in QUANTITIES]
+        width = max(len(q) for q, _ in rows)
+        if bindings is None:
+            return "\n".join(f"{q:<{width}}  {f}" for q, f in rows) + "\n"
+        subs = _bindings(self.defaults, bindings)
+        values = [_value_str(q, _substitute(getattr(self, q), subs)) for q in QUANTITIES]
+        vwidth = max(len(v) for v in values)
+        return "\n".join(f"{q:<{width}}  {v:>{vwidth}}  = {f}" for (q, f), v in zip(rows, values)) + "\n"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _bindings(defaults, bindings) -> dict[sympy.Symbol, sympy.Expr]:
+    merged = {k: v for k, v in defaults if isinstance(v, (int, float, sympy.Basic))}
+    merged.update(bindings or {})
+    return {sym(k): as_expr(v) for k, v in merged.items()}
+
+
+def _substitute(e: sympy.Expr, subs) -> sympy.Expr:
+    v = e.xreplace(subs)
+    return v.doit() if v.has(sympy.Sum) else v
+
+
+_UNITS = {
+    "params": ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")),
+    "flops": ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "KFLOP")),
+    "bytes": ((2.0 ** 40, "TiB"), (2.0 ** 30, "GiB"), (2.0 ** 20, "MiB"), (2.0 ** 10, "KiB")),
+}
+
+
+def _value_str(quantity: str, v: sympy.Expr) -> str:
+    if not v.is_number:
+        return "needs " + ", ".join(sorted(s.name for s in v.free_symbols))
+    x = float(v)
+    units = _UNITS["bytes" if quantity.endswith("bytes") else quantity]
+    base = {"params": "", "flops": "FLOP"}.get(quantity, "B")
+    for scale, unit in units:
+        if abs(x) >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:g} {base}".rstrip()
+
+
+# --- per-op FLOPs --------------------------------------------------------------------------------
+
+
+def numel(t: TensorType) -> sympy.Expr:
+    return sympy.prod(t.shape) if t.shape else sympy.Integer(1)
+
+
+FlopRule = Callable[[Node, list[TensorType], list[TensorType]], sympy.Expr]
+
+PER_ELEMENT: dict[Op, int] = {
+    # one arithmetic op per output element; transcendental functions count as one
+    **{o: 1 for o in (Op.NEG, Op.ABS, Op.NOT, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.RELU)},
+    **{o: 1 for o, d in OPS.items() if d.group in (Group.BINARY, Group.COMPARE)},
+    # composite activations: sigmoid = 1/(1+exp(-x)), silu = x*sigmoid(x), gelu (tanh form)
+    Op.SIGMOID: 4, Op.SOFTPLUS: 3, Op.SILU: 5, Op.GELU: 8,
+    Op.DETACH: 0, Op.CAST: 0,
+    Op.SOFTMAX: 5, Op.RMS_NORM: 5, Op.LAYER_NORM: 5, Op.L2_NORMALIZE: 4,
+    Op.ROPE: 3,                 # x*cos + rotate(x)*sin
+    Op.LINEAR_SCAN: 2,          # a*h + b
+    Op.BANK_VALID: 1,
+}
+PER_INPUT_ELEMENT: dict[Op, int] = {
+    Op.SUM: 1, Op.MEAN: 1, Op.AMAX: 1, Op.ARGMAX: 1, Op.CUMSUM: 1,
+    Op.LOGSUMEXP: 4,            # max, subtract, exp, add
+    Op.TOPK_MASK: 2,            # selection counted as two compares per element
+}
+FREE_OPS = frozenset(o for o, d in OPS.items() if d.group in (Group.SOURCE, Group.MOVEMENT)) | {
+    Op.EMBEDDING, Op.BANK_PUSH}
+MEM_UPDATE_PER_WEIGHT = 4       # momentum m = eta*m - g and decayed step w = (1-alpha)*w + m
+MEM_LOSS_PER_ELEMENT = 3        # residual, square/abs, per-token lr weighting
+
+
+def _per_element(n, ins, outs):
+    return PER_ELEMENT[n.op] * sum((numel(t) for t in outs), ZERO)
+
+
+def _per_input_element(n, ins, outs):
+    return PER_INPUT_ELEMENT[n.op] * numel(ins[0])
+
+
+def _free(n, ins, outs):
+    return ZERO
+
+
+def _linear(n, ins, outs):
+    x, w = ins[0], ins[1]
+    rows = numel(x) / x.shape[-1]
+    bias = rows * w.shape[0] if len(ins) == 3 else ZERO
+    return 2 * rows * w.shape[1] * w.shape[0] + bias
+
+
+def _matmul(n, ins, outs):
+    return 2 * numel(outs[0]) * ins[0].shape[-1]
+
+
+def _einsum(n, ins, outs):
+    """2 per point of the full index space (one multiply-add); 1 for a single-operand reduction."""
+    sizes: dict[str, sympy.Expr] = {}
+    for spec, t in zip(n.attr("equation").split("->")[0].split(","), ins):
+        for ch, d in zip(spec, t.shape):
+            if ch not in sizes or sizes[ch] == 1:
+                sizes[ch] = d
+    space = sympy.prod(sizes.values()) if sizes else sympy.Integer(1)
+    return (2 if len(ins) > 1 else 1) * space
+
+
+def _conv1d(n, ins, outs):
+    w = ins[1]
+    bias = numel(outs[0]) if len(ins) == 3 else ZERO
+    return 2 * numel(outs[0]) * w.shape[1] * w.shape[2] + bias
+
+
+def _length_attr(v) -> sympy.Expr | None:
+    """A window/prefix length, or None when the attr is absent, off (false, 0, negative) or a name."""
+    if v is None or isinstance(v, (bool, str)):
+        return None
+    e = as_expr(v)
+    return None if e.is_number and e <= 0 else e
+
+
+def attention_pairs(n: Node, q: TensorType, k: TensorType) -> sympy.Expr:
+    """(query, key) pairs one head scores; see the module docstring for the conventions."""
+    tq, tk = q.shape[1], k.shape[1]
+    causal = bool(n.attr("causal")) and dims_equal(tq, tk) is True
+    window, prefix = _length_attr(n.attr("window")), _length_attr(n.attr("prefix"))
+    if window is not None:
+        m = sympy.Min(window, tk)
+        return tq * m - m ** 2 / 2 if causal else tq * m
+    if not causal:
+        return tq * tk
+    return tq * tk / 2 + (prefix ** 2 / 2 if prefix is not None else ZERO)
+
+
+def _attend(n, ins, outs):
+    q, k, v = ins[:3]
+    per_pair = 2 * (q.shape[3] + v.shape[3]) + SOFTMAX_PER_SCORE
+    return q.shape[0] * q.shape[2] * attention_pairs(n, q, k) * per_pair
+
+
+def _linear_attn(n, ins, outs):
+    q, k, v = ins[:3]
+    return 4 * (numel(q) / q.shape[-1]) * q.shape[-1] * v.shape[-1]
+
+
+def _mlp(rows: sympy.Expr, weights: list[TensorType]) -> tuple[sympy.Expr, sympy.Expr]:
+    """(matmul FLOPs, hidden elements) of an MLP whose weights are [..., out, in]."""
+    matmul = sum((2 * rows * w.shape[-1] * w.shape[-2] for w in weights), ZERO)
+    hidden = sum((rows * w.shape[-2] for w in weights), ZERO)
+    return matmul, hidden
+
+
+def _mem_read(n, ins, outs):
+    q = ins[0]
+    layers = int(n.attr("layers"))
+    matmul, hidden = _mlp(numel(q) / q.shape[-1], ins[1:1 + layers])
+    return matmul + hidden            # one activation (or residual add) per layer output element
+
+
+def _mem_write(n, ins, outs):
+    """Forward + backward (about 3x the forward matmuls), the loss, and the weight update."""
+    k = ins[0]
+    layers = int(n.attr("layers"))
+    weights = ins[5:5 + layers]
+    rows = numel(k) / k.shape[-1]
+    matmul, hidden = _mlp(rows, weights)
+    loss = MEM_LOSS_PER_ELEMENT * rows * weights[-1].shape[-2]
+    update = MEM_UPDATE_PER_WEIGHT * sum((numel(w) for w in weights), ZERO)
+    return 3 * matmul + 3 * hidden + loss + update
+
+
+FLOPS: dict[Op, FlopRule] = {
+    **{o: _free for o in FREE_OPS},
+    **{o: _per_element for o in PER_ELEMENT},
+    **{o: _per_input_element for o in PER_INPUT_ELEMENT},
+    Op.LINEAR: _linear, Op.MATMUL: _matmul, Op.EINSUM: _einsum, Op.CONV1D: _conv1d,
+    Op.ATTEND: _attend, Op.LINEAR_ATTN: _linear_attn,
+    Op.MEM_READ: _mem_read, Op.MEM_WRITE: _mem_write,
+}
+
+
+# --- KV cache ------------------------------------------------------------------------------------
+
+
+def _prune_key_channels(args: dict) -> tuple[sympy.Expr, sympy.Expr]:
+    return 1 - _exact(args["ratio"]), sympy.Integer(1)
+
+
+# policy kind -> (K factor, V factor) from its args; kinds not listed do not scale the cache
+KV_POLICIES: dict[str, Callable[[dict], tuple[sympy.Expr, sympy.Expr]]] = {
+    "prune_key_channels": _prune_key_channels,
+}
+
+
+def _exact(v) -> sympy.Expr:
+    """Floats from source text become exact rationals, so 0.3 prints as 3/10."""
+    if isinstance(v, float):
+        return sympy.Rational(repr(v))
+    return as_expr(v)
+
+
+def site_matches(site: str, target: str) -> bool:
+    return site == target or site.startswith(target + ".")
+
+
+def kv_factors(site: str | None, policies: tuple[Policy, ...]) -> tuple[sympy.Expr, sympy.Expr]:
+    kf, vf = sympy.Integer(1), sympy.Integer(1)
+    if not site:
+        return kf, vf
+    for p in policies:
+        rule = KV_POLICIES.get(p.kind)
+        if rule and any(site_matches(site, t) for t in p.targets):
+            pk, pv = rule(p.arg_dict)
+            kf, vf = kf * pk, vf * pv
+    return kf, vf
+
+
+# --- walking the graph ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tally:
+    flops: sympy.Expr = ZERO
+    act: sympy.Expr = ZERO
+    kv: sympy.Expr = ZERO          # repeats with every trip of the enclosing loop
+    kv_once: sympy.Expr = ZERO     # kv_share="recursion": once for the innermost enclosing loop
+
+    def __add__(self, o: "_Tally") -> "_Tally":
+        return _Tally(self.flops + o.flops, self.act + o.act, self.kv + o.kv, self.kv_once + o.kv_once)
+
+    def scale(self, k: sympy.Expr) -> "_Tally":
+        return _Tally(self.flops * k, self.act * k, self.kv * k, self.kv_once * k)
+
+
+class _Ctx:
+    def __init__(self, g: Graph):
+        self.policies = g.policies
+
+
+Types = ChainMap
+
+
+def _region(r: Region, types: Types, ctx: _Ctx) -> _Tally:
+    scope = types.new_child({a.name: a.type for a in r.args})
+    total = _Tally()
+    for n in r.nodes:
+        total = total + _node(n, scope, ctx)
+        scope.update({o.name: o.type for o in n.outputs})
+    return total
+
+
+def _node(n: Node, types: Types, ctx: _Ctx) -> _Tally:
+    ins = [types[i] for i in n.inputs]
+    outs = [o.type for o in n.outputs]
+    act = ZERO if n.op is Op.PARAM else sum((numel(t) * DTYPE_BYTES[t.dtype] for t in outs), ZERO)
+    if n.op in REGIONS:
+        return REGIONS[n.op](n, ins, outs, types, ctx) + _Tally(act=act)
+    here = _Tally(FLOPS[n.op](n, ins, outs), act)
+    if n.op is Op.ATTEND:
+        here = here + _attend_kv(n, ins, ctx)
+    return here
+
+
+def _attend_kv(n: Node, ins: list[TensorType], ctx: _Ctx) -> _Tally:
+    share = n.attr("kv_share")
+    if isinstance(share, str) and share.startswith("from:"):
+        return _Tally()
+    kf, vf = kv_factors(n.attr("site"), ctx.policies)
+    kv = KV_BYTES * (kf * numel(ins[1]) + vf * numel(ins[2]))
+    return _Tally(kv_once=kv) if share == "recursion" else _Tally(kv=kv)
+
+
+def sum_over(e: sympy.Expr, var: sympy.Symbol | None, trips: sympy.Expr) -> sympy.Expr:
+    """Sum e for var = 0..trips-1; an unevaluated Sum where sympy finds no closed form."""
+    if var is None or not e.has(var):
+        return trips * e
+    fixed, varying = sympy.expand(e).as_independent(var, as_Add=True)
+    return trips * fixed + sympy.summation(varying, (var, 0, trips - 1))
+
+
+def _loop(n, ins, outs, types, ctx) -> _Tally:
+    """loop and halt_loop: every trip runs (the worst case for halt_loop)."""
+    body = _region(n.regions[0], types, ctx)
+    trips = as_expr(n.attr("trips"))
+    var = sym(n.attr("var")) if n.attr("var") else None
+    once = body.kv_once.subs(var, 0) if var is not None else body.kv_once
+    return _Tally(sum_over(body.flops, var, trips), sum_over(body.act, var, trips),
+                  sum_over(body.kv, var, trips) + once)
+
+
+def _route_topk(n, ins, outs, types, ctx) -> _Tally:
+    """Body at the compacted length, plus top-k selection over the scores and gated scatter-back."""
+    body = _region(n.regions[0], types, ctx)
+    select = PER_INPUT_ELEMENT[Op.TOPK_MASK] * numel(ins[1])
+    return body + _Tally(flops=select + _gated_scatter(outs))
+
+
+def _route_mask(n, ins, outs, types, ctx) -> _Tally:
+    """Body at full length (an upper bound), plus gated scatter-back."""
+    return _region(n.regions[0], types, ctx) + _Tally(flops=_gated_scatter(outs))
+
+
+def _gated_scatter(outs: list[TensorType]) -> sympy.Expr:
+    return 2 * sum((numel(t) for t in outs), ZERO)       # gate multiply and add, per element
+
+
+def _scan(n, ins, outs, types, ctx) -> _Tally:
+    body = _region(n.regions[0], types, ctx)
+    segments = sympy.ceiling(ins[0].shape[1] / as_expr(n.attr("size")))
+    return body.scale(segments)
+
+
+RegionRule = Callable[[Node, list, list, Types, _Ctx], _Tally]
+REGIONS: dict[Op, RegionRule] = {
+    Op.LOOP: _loop, Op.HALT_LOOP: _loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask, Op.SCAN: _scan,
+}
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def tidy(e: sympy.Expr) -> sympy.Expr:
+    """Cheap canonical form: expand, then pull out common factors."""
+    return sympy.factor_terms(sympy.expand(e))
+
+
+def param_count(g: Graph) -> sympy.Expr:
+    return sum((numel(p.type) for p in g.params), ZERO)
+
+
+def cost(g: Graph) -> Cost:
+    t = _region(g.body, ChainMap(), _Ctx(g))
+    defaults = tuple(sorted(g.symbol_defaults().items()))
+    return Cost(tidy(param_count(g)), tidy(t.flops), tidy(t.act), tidy(t.kv + t.kv_once), defaults)
+
+
+def flops_per_token(g: Graph) -> sympy.Expr:
+    dims = {s.name for s in g.symbols if s.kind == "dim"}
+    if not {"B", "T"} <= dims:
+        raise ValueError(f"graph {g.name} has no dims B and T, so FLOPs per token are undefined")
+    return tidy(cost(g).flops / (sym("B") * sym("T")))

@@ -1,0 +1,686 @@
+"""The reference interpreter: executes IR with torch eager. Its behaviour *is* archc's semantics.
+
+Every backend and pass is tested against `run`. Autograd works through it, so a model can be
+trained in it (`GraphModule`). Symbols (architecture parameters, dims B/T, loop variables) live
+in an environment; attribute expressions are evaluated in it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from archc.errors import ArchError
+from archc.ir.core import Graph, Node, Param, Region
+from archc.ir.ops import Op
+from archc.ir.shapes import DType, as_expr, sym
+
+TORCH_DTYPES = {DType.F32: torch.float32, DType.I64: torch.int64, DType.BOOL: torch.bool}
+
+
+# -- symbols ----------------------------------------------------------------------------------------
+
+
+def resolve_bindings(g: Graph, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Architecture parameter values: defaults evaluated in order, then `overrides` applied."""
+    overrides = dict(overrides or {})
+    known = {s.name for s in g.symbols}
+    for k in overrides:
+        if k not in known:
+            raise ArchError(f"`{g.name}` has no parameter `{k}`; parameters: "
+                            + ", ".join(s.name for s in g.symbols if s.kind != "dim"))
+    env: dict[str, Any] = {}
+    for s in g.symbols:
+        if s.kind == "dim":
+            if s.name in overrides:
+                env[s.name] = int(overrides[s.name])
+            continue
+        if s.name in overrides:
+            v = overrides[s.name]
+        else:
+            d = s.default
+            v = d if not isinstance(d, sympy.Basic) else d.xreplace({sym(k): x for k, x in env.items()})
+        env[s.name] = _py(v, s.kind)
+    return env
+
+
+def _py(v, kind: str):
+    if isinstance(v, sympy.Basic):
+        if v in (sympy.true, sympy.false):
+            return bool(v)
+        if not v.is_number:
+            raise ArchError(f"cannot evaluate {v}")
+        v = float(v) if not v.is_Integer else int(v)
+    if kind == "int":
+        if isinstance(v, float) and not v.is_integer():
+            raise ArchError(f"expected an integer, got {v}")
+        return int(v)
+    if kind == "float":
+        return float(v)
+    if kind == "bool":
+        return bool(v)
+    return v
+
+
+class Env:
+    """Symbol values with a cache for evaluated expressions (keyed by the values they read)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = dict(values)
+        self._free: dict[sympy.Basic, tuple] = {}
+        self._cache: dict[tuple, Any] = {}
+
+    def eval(self, e):
+        if not isinstance(e, sympy.Basic):
+            return e
+        fs = self._free.get(e)
+        if fs is None:
+            fs = tuple(sorted(s.name for s in e.free_symbols))
+            self._free[e] = fs
+        try:
+            key = (e, tuple(self.values[n] for n in fs))
+        except KeyError as err:
+            raise ArchError(f"no value for symbol `{err.args[0]}` in {e}") from None
+        hit = self._cache.get(key)
+        if hit is None:
+            v = sympy.sympify(e.xreplace({sym(n): sympy.sympify(self.values[n]) for n in fs}))
+            if v in (sympy.true, sympy.false):
+                hit = bool(v)
+            else:
+                hit = int(v) if v.is_Integer else float(v)
+            self._cache[key] = hit
+        return hit
+
+    def eval_int(self, e) -> int:
+        v = self.eval(e)
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise ArchError(f"{e} = {v} is not an integer for these parameter values")
+            v = int(v)
+        return v
+
+
+# -- parameters ----------------------------------------------------------------------------------
+
+
+def init_params(g: Graph, bindings: dict[str, Any] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fresh parameters by each Param's init scheme, deterministic for a seed."""
+    env = Env(resolve_bindings(g, bindings))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for p in g.params:
+        shape = tuple(env.eval_int(d) for d in p.type.shape)
+        args = {k: env.eval(v) for k, v in p.init_args}
+        out[p.name] = _init(p.init, shape, args, gen)
+    return out
+
+
+def _init(scheme: str, shape, args, gen) -> torch.Tensor:
+    if scheme == "normal":
+        return torch.randn(shape, generator=gen) * float(args.get("std", 0.02))
+    if scheme == "trunc_normal":
+        t = torch.empty(shape)
+        torch.nn.init.trunc_normal_(t, std=float(args.get("std", 0.02)), a=-2 * float(args.get("std", 0.02)),
+                                    b=2 * float(args.get("std", 0.02)), generator=gen)
+        return t
+    if scheme == "zeros":
+        return torch.zeros(shape)
+    if scheme == "ones":
+        return torch.ones(shape)
+    if scheme == "const":
+        return torch.full(shape, float(args.get("value", 0.0)))
+    if scheme == "uniform":
+        b = float(args.get("bound", 0.02))
+        return (torch.rand(shape, generator=gen) * 2 - 1) * b
+    if scheme == "xavier":
+        t = torch.empty(shape)
+        torch.nn.init.xavier_uniform_(t, generator=gen)
+        return t
+    raise ArchError(f"unknown init scheme `{scheme}`")
+
+
+# -- the interpreter -------------------------------------------------------------------------------
+
+
+class Interpreter:
+    def __init__(self, g: Graph, params: dict[str, torch.Tensor], env: Env, training: bool = False,
+                 generator: torch.Generator | None = None):
+        self.g = g
+        self.params = params
+        self.env = env
+        self.training = training
+        self.gen = generator
+        self.kv_store: dict[str, tuple] = {}
+        self.param_meta: dict[str, Param] = {p.name: p for p in g.params}
+
+    def run_region(self, r: Region, args: list[torch.Tensor], vals: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        vals = dict(vals)
+        for a, t in zip(r.args, args):
+            vals[a.name] = t
+        for n in r.nodes:
+            ins = [vals[i] for i in n.inputs]
+            fn = IMPL.get(n.op)
+            if fn is None:
+                raise ArchError(f"the interpreter has no implementation of `{n.op.value}`", n.span)
+            try:
+                outs = fn(self, n, ins, vals)
+            except ArchError:
+                raise
+            except (RuntimeError, ValueError, IndexError) as err:
+                from archc.ir.printer import node_lines
+                raise ArchError(f"runtime error in `{node_lines(n, '')[0].strip()}`: {err}", n.span) from None
+            for o, t in zip(n.outputs, outs):
+                vals[o.name] = t
+        return [vals[x] for x in r.results]
+
+    def attr(self, n: Node, key: str, default=None):
+        return self.env.eval(n.attr(key, default))
+
+
+def run(g: Graph, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+        bindings: dict[str, Any] | None = None, training: bool = False, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """Execute `g` on named inputs; returns named outputs."""
+    values = resolve_bindings(g, bindings)
+    for a in g.inputs:
+        if a.name not in inputs:
+            raise ArchError(f"missing input `{a.name}` of `{g.name}` ({a.type})")
+        t = inputs[a.name]
+        if t.dim() != a.type.rank:
+            raise ArchError(f"input `{a.name}` should be {a.type}, got a tensor of shape {list(t.shape)}")
+        for d, size in zip(a.type.shape, t.shape):
+            if isinstance(d, sympy.Symbol) and d.name not in values:
+                values[d.name] = int(size)
+            else:
+                want = Env(values).eval_int(d)
+                if want != size:
+                    raise ArchError(f"input `{a.name}` should be {a.type} (= {want} here), got shape {list(t.shape)}")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    it = Interpreter(g, params, Env(values), training, gen)
+    cast = [inputs[a.name].to(TORCH_DTYPES[a.type.dtype]) for a in g.inputs]
+    outs = it.run_region(g.body, cast, {})
+    return dict(zip(g.output_names, outs))
+
+
+# -- op implementations ---------------------------------------------------------------------------
+
+Impl = Callable[[Interpreter, Node, list, dict], list]
+IMPL: dict[Op, Impl] = {}
+
+
+def impl(*ops: Op):
+    def deco(fn):
+        for o in ops:
+            IMPL[o] = fn
+        return fn
+    return deco
+
+
+def _one(f):
+    """Adapt a function of (it, node, *inputs) returning one tensor."""
+    return lambda it, n, ins, vals: [f(it, n, *ins)]
+
+
+@impl(Op.CONST)
+def _const(it, n, ins, vals):
+    return [torch.tensor(it.attr(n, "value"), dtype=TORCH_DTYPES[DType(n.attr("dtype"))])]
+
+
+@impl(Op.FULL)
+def _full(it, n, ins, vals):
+    shape = [it.env.eval_int(d) for d in n.attr("shape")]
+    return [torch.full(shape, it.attr(n, "value"), dtype=TORCH_DTYPES[DType(n.attr("dtype"))])]
+
+
+@impl(Op.ARANGE)
+def _arange(it, n, ins, vals):
+    return [torch.arange(it.env.eval_int(n.attr("n")))]
+
+
+@impl(Op.PARAM)
+def _param(it, n, ins, vals):
+    ref = n.attr("ref")
+    if ref not in it.params:
+        raise ArchError(f"no value for parameter `{ref}`")
+    w = it.params[ref]
+    if n.attr("index") is not None:
+        w = w[it.env.eval_int(n.attr("index"))]
+    return [w]
+
+
+_UNARY = {Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
+          Op.ABS: torch.abs, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.RELU: F.relu, Op.GELU: F.gelu,
+          Op.SILU: F.silu, Op.SOFTPLUS: F.softplus, Op.NOT: torch.logical_not, Op.DETACH: torch.Tensor.detach}
+for _op, _fn in _UNARY.items():
+    IMPL[_op] = (lambda f: lambda it, n, ins, vals: [f(ins[0])])(_fn)
+
+IMPL[Op.CAST] = lambda it, n, ins, vals: [ins[0].to(TORCH_DTYPES[DType(n.attr("dtype"))])]
+
+_BINARY = {Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.div, Op.POW: torch.pow,
+           Op.MAXIMUM: torch.maximum, Op.MINIMUM: torch.minimum, Op.GT: torch.gt, Op.LT: torch.lt, Op.GE: torch.ge,
+           Op.LE: torch.le, Op.EQ: torch.eq, Op.NE: torch.ne, Op.AND: torch.logical_and, Op.OR: torch.logical_or}
+for _op, _fn in _BINARY.items():
+    IMPL[_op] = (lambda f: lambda it, n, ins, vals: [f(*_promote(ins[0], ins[1]))])(_fn)
+
+
+def _promote(a, b):
+    if a.dtype == b.dtype:
+        return a, b
+    if a.is_floating_point() or b.is_floating_point():
+        return a.float(), b.float()
+    return a.long(), b.long()
+
+
+@impl(Op.WHERE)
+def _where(it, n, ins, vals):
+    c, a, b = ins
+    a, b = _promote(a, b)
+    return [torch.where(c, a, b)]
+
+
+def _axis(it, n):
+    return int(it.attr(n, "axis"))
+
+
+@impl(Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.ARGMAX)
+def _reduce(it, n, ins, vals):
+    fn = {Op.SUM: torch.sum, Op.MEAN: torch.mean, Op.AMAX: torch.amax, Op.LOGSUMEXP: torch.logsumexp,
+          Op.ARGMAX: torch.argmax}[n.op]
+    x = ins[0]
+    if n.op in (Op.SUM, Op.MEAN) and not x.is_floating_point():
+        x = x.float()
+    return [fn(x, dim=_axis(it, n), keepdim=bool(n.attr("keepdim", False)))]
+
+
+IMPL[Op.SOFTMAX] = lambda it, n, ins, vals: [torch.softmax(ins[0], dim=_axis(it, n))]
+IMPL[Op.CUMSUM] = lambda it, n, ins, vals: [torch.cumsum(ins[0], dim=_axis(it, n))]
+
+
+@impl(Op.TOPK_MASK)
+def _topk_mask(it, n, ins, vals):
+    x, ax = ins[0], _axis(it, n)
+    k = min(it.env.eval_int(n.attr("k")), x.shape[ax])
+    idx = torch.topk(x, k, dim=ax).indices
+    return [torch.zeros_like(x, dtype=torch.bool).scatter(ax, idx, True)]
+
+
+@impl(Op.RMS_NORM)
+def _rms(it, n, ins, vals):
+    x, w = ins
+    return [x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + it.attr(n, "eps")) * w]
+
+
+IMPL[Op.LAYER_NORM] = lambda it, n, ins, vals: [F.layer_norm(ins[0], ins[0].shape[-1:], ins[1], ins[2], it.attr(n, "eps"))]
+IMPL[Op.L2_NORMALIZE] = lambda it, n, ins, vals: [F.normalize(ins[0], dim=-1, eps=it.attr(n, "eps"))]
+IMPL[Op.LINEAR] = lambda it, n, ins, vals: [F.linear(*ins)]
+IMPL[Op.MATMUL] = lambda it, n, ins, vals: [torch.matmul(*ins)]
+IMPL[Op.EINSUM] = lambda it, n, ins, vals: [torch.einsum(n.attr("equation"), *ins)]
+IMPL[Op.EMBEDDING] = lambda it, n, ins, vals: [F.embedding(ins[0], ins[1])]
+
+
+@impl(Op.CONV1D)
+def _conv1d(it, n, ins, vals):
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    k = w.shape[-1]
+    xt = x.transpose(-1, -2)
+    xt = F.pad(xt, (k - 1, 0)) if n.attr("causal") else F.pad(xt, ((k - 1) // 2, k - 1 - (k - 1) // 2))
+    return [F.conv1d(xt, w, b).transpose(-1, -2)]
+
+
+IMPL[Op.RESHAPE] = lambda it, n, ins, vals: [ins[0].reshape([it.env.eval_int(d) for d in n.attr("shape")])]
+IMPL[Op.PERMUTE] = lambda it, n, ins, vals: [ins[0].permute(*n.attr("perm"))]
+IMPL[Op.CONCAT] = lambda it, n, ins, vals: [torch.cat(ins, dim=_axis(it, n))]
+IMPL[Op.UNSQUEEZE] = lambda it, n, ins, vals: [ins[0].unsqueeze(_axis(it, n))]
+IMPL[Op.BROADCAST] = lambda it, n, ins, vals: [ins[0].expand([it.env.eval_int(d) for d in n.attr("shape")])]
+IMPL[Op.MERGE_HEADS] = lambda it, n, ins, vals: [ins[0].flatten(-2)]
+
+
+@impl(Op.SLICE)
+def _slice(it, n, ins, vals):
+    x, ax = ins[0], _axis(it, n)
+    start, stop = it.env.eval_int(n.attr("start")), it.env.eval_int(n.attr("stop"))
+    return [x.narrow(ax, start, max(min(stop, x.shape[ax]) - start, 0))]
+
+
+@impl(Op.SELECT)
+def _select(it, n, ins, vals):
+    x, ax = ins[0], _axis(it, n)
+    i = int(ins[1]) if len(ins) > 1 else it.env.eval_int(n.attr("index"))
+    return [x.select(ax, i)]
+
+
+@impl(Op.SPLIT_HEADS)
+def _split_heads(it, n, ins, vals):
+    x, h = ins[0], it.env.eval_int(n.attr("heads"))
+    return [x.unflatten(-1, (h, x.shape[-1] // h))]
+
+
+@impl(Op.GATHER)
+def _gather(it, n, ins, vals):
+    x, idx = ins
+    ax = _axis(it, n)
+    view = idx.reshape(idx.shape + (1,) * (x.dim() - idx.dim()))
+    view = view.expand(idx.shape + x.shape[ax + 1:])
+    return [torch.gather(x, ax, view)]
+
+
+def _positions(T: int, device=None) -> torch.Tensor:
+    return torch.arange(T, device=device)
+
+
+@impl(Op.ROPE)
+def _rope(it, n, ins, vals):
+    x = ins[0]
+    B, T, H, D = x.shape
+    if D % 2:
+        raise ArchError(f"rope needs an even head size, got {D}", n.span)
+    pos = ins[1].to(x.dtype) if len(ins) > 1 else _positions(T).to(x.dtype)[None].expand(B, T)
+    half = D // 2
+    freq = float(it.attr(n, "base")) ** (-torch.arange(half, dtype=x.dtype) * 2 / D)
+    ang = pos[..., None] * freq                      # [B, T, half]
+    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return [torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)]
+
+
+@impl(Op.ATTEND)
+def _attend(it, n, ins, vals):
+    q, k, v = ins[:3]
+    rest = list(ins[3:])
+    mask = rest.pop(0) if n.attr("has_mask") else None
+    qpos = kpos = None
+    if n.attr("has_pos"):
+        qpos, kpos = rest[0], rest[1]
+    site, share = n.attr("site"), n.attr("kv_share")
+    if share:
+        k, v, kpos = _shared_kv(it, n, share, site, k, v, kpos)
+    if site:
+        it.kv_store[site] = (k, v, kpos)
+    return [attention(q, k, v, causal=bool(n.attr("causal")), window=it.env.eval_int(n.attr("window", 0)),
+                      prefix=it.env.eval_int(n.attr("prefix", 0)), mask=mask, qpos=qpos, kpos=kpos)]
+
+
+def _shared_kv(it, n, share: str, site: str, k, v, kpos):
+    if share == "recursion":
+        key = "recursion:" + site
+        if key in it.kv_store:
+            return it.kv_store[key]
+        it.kv_store[key] = (k, v, kpos)
+        return k, v, kpos
+    if share.startswith("from:"):
+        src = share[5:]
+    else:
+        _, p, src = share.split(":", 2)
+        if it.training:
+            coin = torch.rand((), generator=it.gen) if it.gen is not None else torch.rand(())
+            if float(coin) >= float(p):
+                return k, v, kpos
+    if src not in it.kv_store:
+        raise ArchError(f"attention `{site}` reads the K/V of `{src}`, which has not run before it", n.span)
+    sk, sv, skpos = it.kv_store[src]
+    return sk, sv, skpos
+
+
+def attention(q, k, v, causal=False, window=0, prefix=0, mask=None, qpos=None, kpos=None):
+    """Reference attention on [B, T, H, D]; fully masked rows give zeros."""
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=2)
+        v = v.repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
+    if causal or window:
+        qp = (qpos if qpos is not None else (torch.arange(Tq) + (Tk - Tq))[None].expand(B, Tq))[:, :, None]
+        kp = (kpos if kpos is not None else torch.arange(Tk)[None].expand(B, Tk))[:, None, :]
+        if causal:
+            allowed = allowed & (kp <= qp)[:, None]
+        if window:
+            allowed = allowed & (qp - kp < window)[:, None]
+        if prefix:
+            allowed = allowed | (torch.arange(Tk) < prefix)[None, None, None, :]
+    if mask is not None:                       # [Tq, Tk] or [B, Tq, Tk]; true = may attend
+        m = mask if mask.dim() == 3 else mask[None]
+        allowed = allowed & m[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    w = torch.softmax(scores, dim=-1)
+    w = torch.nan_to_num(w, nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+@impl(Op.LINEAR_SCAN)
+def _linear_scan(it, n, ins, vals):
+    a, b, h = ins
+    ax = _axis(it, n)
+    a, b = torch.broadcast_tensors(a, b)
+    outs = []
+    for t in range(a.shape[ax]):
+        h = a.select(ax, t) * h + b.select(ax, t)
+        outs.append(h)
+    return [torch.stack(outs, dim=ax)]
+
+
+@impl(Op.LINEAR_ATTN)
+def _linear_attn(it, n, ins, vals):
+    q, k, v, s = ins
+    T = q.shape[1]
+    causal = torch.ones(T, T).tril().bool()
+    scores = torch.einsum("btk,bsk->bts", q, k).masked_fill(~causal, 0.0)
+    y = torch.einsum("bvk,btk->btv", s, q) + torch.einsum("bts,bsv->btv", scores, v)
+    return [y, s + torch.einsum("btv,btk->bvk", v, k)]
+
+
+_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def mlp_memory(q, ws, act: str, residual: bool):
+    """Apply per-sample MLP weights ws[i]: [B, out, in] to q: [B, ..., in]."""
+    shape = q.shape
+    h = q.reshape(shape[0], -1, shape[-1])
+    x0 = h
+    for i, w in enumerate(ws):
+        h = torch.einsum("bti,boi->bto", h, w)
+        if i < len(ws) - 1:
+            h = _ACT[act](h)
+    if residual:
+        h = h + x0
+    return h.reshape(shape[:-1] + (h.shape[-1],))
+
+
+@impl(Op.MEM_READ)
+def _mem_read(it, n, ins, vals):
+    return [mlp_memory(ins[0], ins[1:], n.attr("act"), bool(n.attr("residual")))]
+
+
+def memory_loss(pred, v, kind: str):
+    err = pred - v
+    if kind == "mse":
+        return err.pow(2).mean(-1)
+    if kind == "l1":
+        return err.abs().mean(-1)
+    return F.huber_loss(pred, v, reduction="none").mean(-1)
+
+
+@impl(Op.MEM_WRITE)
+def _mem_write(it, n, ins, vals):
+    L = int(n.attr("layers"))
+    k, v, lr, mom, fg = ins[:5]
+    ws, ms = ins[5:5 + L], ins[5 + L:5 + 2 * L]
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaf = [w if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in ws]
+        pred = mlp_memory(k, leaf, n.attr("act"), bool(n.attr("residual")))
+        loss = (memory_loss(pred, v, n.attr("loss")).reshape(lr.shape) * lr).sum()
+        grads = torch.autograd.grad(loss, leaf, create_graph=outer and any(w.requires_grad for w in ws))
+    b = lambda t, like: t.reshape(t.shape + (1,) * (like.dim() - 1))
+    new_m = [b(mom, m) * m - g for m, g in zip(ms, grads)]
+    new_w = [(1 - b(fg, w)) * w + m for w, m in zip(ws, new_m)]
+    return new_w + new_m
+
+
+@impl(Op.BANK_PUSH)
+def _bank_push(it, n, ins, vals):
+    buf, count, v = ins
+    N = buf.shape[1]
+    full = (count >= N).reshape((-1,) + (1,) * (buf.dim() - 1))
+    shifted = torch.cat([buf[:, 1:], v.unsqueeze(1)], dim=1)
+    slot = (torch.arange(N)[None, :] == count.clamp(max=N - 1)[:, None]).reshape(buf.shape[:2] + (1,) * (buf.dim() - 2))
+    placed = torch.where(slot, v.unsqueeze(1).expand_as(buf), buf)
+    return [torch.where(full, shifted, placed), torch.clamp(count + 1, max=N)]
+
+
+@impl(Op.BANK_VALID)
+def _bank_valid(it, n, ins, vals):
+    buf, count = ins
+    return [torch.arange(buf.shape[1])[None, :] < count[:, None]]
+
+
+# -- regions ------------------------------------------------------------------------------------
+
+
+def _sites_in(r: Region) -> list[str]:
+    return [n.attr("site") for n in r.walk() if n.op is Op.ATTEND and n.attr("kv_share") == "recursion"]
+
+
+@impl(Op.LOOP)
+def _loop(it, n, ins, vals):
+    trips = it.env.eval_int(n.attr("trips"))
+    var = n.attr("var")
+    gl = n.attr("grad_last")
+    no_grad_until = trips - it.env.eval_int(gl) if gl is not None else 0
+    for s in _sites_in(n.regions[0]):
+        it.kv_store.pop("recursion:" + s, None)
+    carries = list(ins)
+    saved = it.env.values.get(var)
+    for i in range(trips):
+        it.env.values[var] = i
+        if i < no_grad_until:
+            with torch.no_grad():
+                carries = it.run_region(n.regions[0], carries, vals)
+        else:
+            carries = it.run_region(n.regions[0], carries, vals)
+    _restore(it, var, saved)
+    return carries
+
+
+def _restore(it, var, saved):
+    if saved is None:
+        it.env.values.pop(var, None)
+    else:
+        it.env.values[var] = saved
+
+
+@impl(Op.HALT_LOOP)
+def _halt_loop(it, n, ins, vals):
+    trips = it.env.eval_int(n.attr("trips"))
+    var = n.attr("var")
+    carries = list(ins)
+    B = carries[0].shape[0] if carries else 1
+    halted = torch.zeros(B, dtype=torch.bool)
+    steps = torch.zeros(B, dtype=torch.long)
+    saved = it.env.values.get(var)
+    for i in range(trips):
+        it.env.values[var] = i
+        out = it.run_region(n.regions[0], carries, vals)
+        halt, new = out[0], out[1:]
+        carries = [torch.where(_bcast(halted, c), c, nc) if c.dim() and c.shape[0] == B else nc
+                   for c, nc in zip(carries, new)]
+        steps = torch.where(halted, steps, torch.full_like(steps, i + 1))
+        halted = halted | halt
+        if bool(halted.all()):
+            break
+    _restore(it, var, saved)
+    return carries + [steps]
+
+
+def _bcast(mask, like):
+    return mask.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+@impl(Op.ROUTE_TOPK)
+def _route_topk(it, n, ins, vals):
+    x, score = ins[0], ins[1]
+    rest = list(ins[2:])
+    among = rest.pop(0) if n.attr("has_among") else None
+    weight = rest.pop(0) if n.attr("has_weight") else None
+    B, T = x.shape[:2]
+    cap = it.attr(n, "capacity")
+    k = max(1, math.floor(cap * T + 1e-9))
+    s = score if among is None else score.masked_fill(~among, float("-inf"))
+    idx = torch.topk(s, k, dim=1).indices.sort(dim=1).values          # keep causal order
+    gidx = idx.reshape(B, k, *([1] * (x.dim() - 2))).expand(B, k, *x.shape[2:])
+    x_sel = torch.gather(x, 1, gidx)
+    (y,) = it.run_region(n.regions[0], [x_sel, idx], vals)
+    new = y
+    if weight is not None:
+        w = torch.gather(weight, 1, idx).reshape(B, k, *([1] * (x.dim() - 2)))
+        new = x_sel + w * (y - x_sel)
+    sel = torch.zeros(B, T, dtype=torch.bool).scatter(1, idx, True)
+    if among is not None:
+        valid = torch.gather(among, 1, idx)
+        new = torch.where(valid.reshape(B, k, *([1] * (x.dim() - 2))), new, x_sel)
+        sel = sel & among
+    return [x.scatter(1, gidx, new), sel]
+
+
+@impl(Op.ROUTE_MASK)
+def _route_mask(it, n, ins, vals):
+    x, mask = ins[0], ins[1]
+    weight = ins[2] if n.attr("has_weight") else None
+    rows = []
+    saved = dict(it.env.values)
+    for b in range(x.shape[0]):
+        idx = mask[b].nonzero().flatten()
+        if idx.numel() == 0:
+            rows.append(x[b])
+            continue
+        xb = x[b:b + 1, idx]
+        it.env.values.update({"B": 1, "T": int(idx.numel())})
+        (y,) = it.run_region(n.regions[0], [xb, idx[None]], vals)
+        new = y[0]
+        if weight is not None:
+            w = weight[b, idx].reshape(-1, *([1] * (x.dim() - 2)))
+            new = xb[0] + w * (new - xb[0])
+        rows.append(x[b].index_copy(0, idx, new))
+        it.env.values.clear()
+        it.env.values.update(saved)
+    return [torch.stack(rows)]
+
+
+@impl(Op.SCAN)
+def _scan(it, n, ins, vals):
+    x, carries = ins[0], list(ins[1:])
+    size = it.env.eval_int(n.attr("size"))
+    stacked = list(n.attr("stacked", ()))
+    nc = len(carries)
+    ys: list[list] = [[] for _ in stacked]
+    for seg in x.split(size, dim=1):
+        out = it.run_region(n.regions[0], [seg] + carries, vals)
+        carries = out[:nc]
+        for j, y in enumerate(out[nc:]):
+            ys[j].append(y)
+    results = [torch.stack(y, dim=1) if st else torch.cat(y, dim=1) for y, st in zip(ys, stacked)]
+    return carries + results
+
+
+# -- a trainable wrapper ---------------------------------------------------------------------------
+
+
+class GraphModule(torch.nn.Module):
+    """The interpreter as an nn.Module: parameters are registered, forward runs the IR."""
+
+    def __init__(self, g: Graph, bindings: dict[str, Any] | None = None, seed: int = 0):
+        super().__init__()
+        self.graph = g
+        self.bindings = resolve_bindings(g, bindings)
+        self.names = [p.name for p in g.params]
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(t) for t in init_params(g, self.bindings, seed).values()])
+
+    def param_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.weights))
+
+    def forward(self, seed: int | None = None, **inputs) -> dict[str, torch.Tensor]:
+        return run(self.graph, self.param_dict(), inputs, self.bindings, training=self.training, seed=seed)

@@ -1,0 +1,200 @@
+"""Dtypes, tensor types with symbolic (sympy) shapes, and the canonical text form of shape expressions."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+import sympy
+
+
+class DType(Enum):
+    F32 = "f32"
+    I64 = "i64"
+    BOOL = "bool"
+
+
+Dim = sympy.Expr
+
+
+def sym(name: str) -> sympy.Symbol:
+    """Every archc symbol is an integer-or-real symbol by name; one symbol object per name."""
+    return sympy.Symbol(name)
+
+
+def as_expr(x) -> sympy.Expr:
+    if isinstance(x, sympy.Basic):
+        return x
+    if isinstance(x, bool):
+        return sympy.Integer(int(x))
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    if isinstance(x, float):
+        return sympy.Float(x) if not x.is_integer() else sympy.Integer(int(x))
+    raise TypeError(f"not a shape expression: {x!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorType:
+    dtype: DType
+    shape: tuple[sympy.Expr, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(self.dtype, tuple(as_expr(s) for s in shape))
+
+    def with_dtype(self, dtype: DType) -> "TensorType":
+        return TensorType(dtype, self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype.value}[{', '.join(expr_str(d) for d in self.shape)}]"
+
+
+def tensor(dtype: DType, *shape) -> TensorType:
+    return TensorType(dtype, tuple(as_expr(s) for s in shape))
+
+
+F32 = DType.F32
+I64 = DType.I64
+BOOL = DType.BOOL
+
+
+def expr_str(e) -> str:
+    """Canonical, parseable text for a shape/attribute expression (symbols sorted by sympy)."""
+    e = as_expr(e)
+    if isinstance(e, sympy.Float):
+        return _float_str(float(e))
+    if e.is_Rational and not e.is_Integer:
+        return f"{e.p}/{e.q}"
+    return sympy.sstr(e, order="lex")
+
+
+def _float_str(f: float) -> str:
+    r = repr(f)
+    return r if ("." in r or "e" in r or "inf" in r or "nan" in r) else r + ".0"
+
+
+def simplify(e) -> sympy.Expr:
+    return sympy.simplify(as_expr(e))
+
+
+def dims_equal(a, b, bindings: dict | None = None) -> bool | None:
+    """True if provably equal, False if provably different (or different at `bindings`), None if unknown."""
+    a, b = as_expr(a), as_expr(b)
+    if a == b:
+        return True
+    diff = sympy.simplify(a - b)
+    if diff == 0:
+        return True
+    if diff.is_number:
+        return False
+    if bindings:
+        da = a.subs(bindings)
+        db = b.subs(bindings)
+        if da.is_number and db.is_number:
+            return bool(sympy.simplify(da - db) == 0)
+    return None
+
+
+# --- a small, eval-free parser for expression text (IR files and `archc cost --set`) -------------
+
+_TOKEN = re.compile(r"\s*(?:(\d+\.\d*(?:e[+-]?\d+)?|\d+e[+-]?\d+|\d+)|([A-Za-z_][A-Za-z_0-9]*)|(\*\*|//|[-+*/(),%]))")
+_FUNCS = {
+    "ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min,
+    "Mod": sympy.Mod, "sqrt": sympy.sqrt, "log": sympy.log, "exp": sympy.exp,
+}
+_CONSTS = {"oo": sympy.oo, "pi": sympy.pi, "E": sympy.E, "inf": sympy.oo, "nan": sympy.nan,
+           "True": sympy.true, "False": sympy.false}
+
+
+class ExprSyntaxError(ValueError):
+    pass
+
+
+def parse_expr(text: str) -> sympy.Expr:
+    toks = []
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise ExprSyntaxError(f"unexpected character {text[pos]!r} in expression {text!r}")
+        pos = m.end()
+        num, name, op = m.groups()
+        toks.append(("num", num) if num else ("name", name) if name else ("op", op))
+    p = _ExprParser(toks, text)
+    e = p.sum()
+    if p.i != len(toks):
+        raise ExprSyntaxError(f"trailing input in expression {text!r}")
+    return e
+
+
+class _ExprParser:
+    def __init__(self, toks, text):
+        self.toks, self.i, self.text = toks, 0, text
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else (None, None)
+
+    def take(self, op=None):
+        t = self.peek()
+        if t[0] is None or (op is not None and t != ("op", op)):
+            raise ExprSyntaxError(f"expected {op or 'a term'} in expression {self.text!r}")
+        self.i += 1
+        return t
+
+    def sum(self):
+        e = self.product()
+        while self.peek() in (("op", "+"), ("op", "-")):
+            op = self.take()[1]
+            r = self.product()
+            e = e + r if op == "+" else e - r
+        return e
+
+    def product(self):
+        e = self.unary()
+        while self.peek() in (("op", "*"), ("op", "/"), ("op", "//"), ("op", "%")):
+            op = self.take()[1]
+            r = self.unary()
+            e = e * r if op == "*" else e / r if op == "/" else sympy.floor(e / r) if op == "//" else sympy.Mod(e, r)
+        return e
+
+    def unary(self):
+        if self.peek() == ("op", "-"):
+            self.take()
+            return -self.unary()
+        return self.power()
+
+    def power(self):
+        e = self.atom()
+        if self.peek() == ("op", "**"):
+            self.take()
+            e = e ** self.unary()
+        return e
+
+    def atom(self):
+        kind, val = self.take()
+        if kind == "num":
+            return sympy.Float(val) if ("." in val or "e" in val) else sympy.Integer(int(val))
+        if kind == "name":
+            if self.peek() == ("op", "("):
+                if val not in _FUNCS:
+                    raise ExprSyntaxError(f"unknown function {val!r} in expression {self.text!r}")
+                self.take("(")
+                args = [self.sum()]
+                while self.peek() == ("op", ","):
+                    self.take()
+                    args.append(self.sum())
+                self.take(")")
+                return _FUNCS[val](*args)
+            if val in _CONSTS:
+                return _CONSTS[val]
+            return sym(val)
+        if val == "(":
+            e = self.sum()
+            self.take(")")
+            return e
+        raise ExprSyntaxError(f"unexpected {val!r} in expression {self.text!r}")
