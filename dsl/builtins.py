@@ -345,6 +345,11 @@ def _attend(al, a, span, hint):
     return al.b.emit1(Op.ATTEND, ins, attrs, span, name=hint)
 
 
+def _lookup(al, a, span, hint):
+    table, ids = tensor_arg(al, a["table"], "table"), tensor_arg(al, a["ids"], "ids")
+    return al.b.emit1(Op.EMBEDDING, [ids, table], {}, span, name=hint)
+
+
 def _rope(al, a, span, hint):
     x = tensor_arg(al, a["x"])
     ins = [x]
@@ -390,6 +395,7 @@ BUILTINS: dict[str, tuple[Sig, Callable]] = {
     "attend": (Sig((("q", _REQ), ("k", _REQ), ("v", _REQ), ("causal", S(False)), ("window", S(0)),
                     ("prefix", S(0)), ("mask", S(False)))), _attend),
     "rope": (Sig((("x", _REQ), ("base", S(10000.0)))), _rope),
+    "lookup": (Sig((("table", _REQ), ("ids", _REQ))), _lookup),
 }
 # zeros/ones/full also take dtype=
 for _n in ("zeros", "ones", "full"):

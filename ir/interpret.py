@@ -317,7 +317,7 @@ IMPL[Op.L2_NORMALIZE] = lambda it, n, ins, vals: [F.normalize(ins[0], dim=-1, ep
 IMPL[Op.LINEAR] = lambda it, n, ins, vals: [F.linear(*ins)]
 IMPL[Op.MATMUL] = lambda it, n, ins, vals: [torch.matmul(*ins)]
 IMPL[Op.EINSUM] = lambda it, n, ins, vals: [torch.einsum(n.attr("equation"), *ins)]
-IMPL[Op.EMBEDDING] = lambda it, n, ins, vals: [F.embedding(ins[0], ins[1])]
+IMPL[Op.EMBEDDING] = lambda it, n, ins, vals: [ins[1][ins[0]]]
 
 
 @impl(Op.CONV1D)
@@ -654,6 +654,9 @@ def _route_mask(it, n, ins, vals):
 def _scan(it, n, ins, vals):
     x, carries = ins[0], list(ins[1:])
     size = it.env.eval_int(n.attr("size"))
+    if x.shape[1] % size:
+        raise ArchError(f"scan over segments of {size}: the sequence length {x.shape[1]} is not a multiple of it",
+                        n.span, hint=f"pad the input to a multiple of {size}")
     stacked = list(n.attr("stacked", ()))
     nc = len(carries)
     ys: list[list] = [[] for _ in stacked]

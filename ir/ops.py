@@ -318,8 +318,8 @@ def _slice(ins, attrs):
     ax = norm_axis(attrs["axis"], x.rank)
     start, stop = as_expr(attrs["start"]), as_expr(attrs["stop"])
     shape = list(x.shape)
-    shape[ax] = sympy.Max(stop - start, 0) if not (stop - start).is_number else max(stop - start, 0)
-    shape[ax] = as_expr(shape[ax])
+    n = stop - start          # symbolic lengths are checked non-negative when evaluated
+    shape[ax] = as_expr(max(n, 0) if n.is_number else n)
     return [TensorType(x.dtype, tuple(shape))]
 
 

@@ -220,8 +220,11 @@ def _scan_exit(v: _Verifier, n: Node) -> None:
     v.expect_types(n, "carried results", outs[:k], carries)
     if len(outs) != len(ys):
         raise v.fail(f"scan returns the carries and one value per extra yield: {len(ys)} value(s), got {len(outs)}", n)
-    extra = 1 if n.attr("stacked") else 0
-    for i, (out, y) in enumerate(zip(outs[k:], ys[k:]), start=k):
+    stacked = list(n.attr("stacked", ()))
+    if len(stacked) != len(ys) - k:
+        raise v.fail(f"scan attribute stacked has {len(stacked)} entries for {len(ys) - k} per-segment yield(s)", n)
+    for i, (out, y, st) in enumerate(zip(outs[k:], ys[k:], stacked), start=k):
+        extra = 1 if st else 0
         if out.dtype != y.dtype or out.rank != y.rank + extra:
             raise v.fail(f"scan result #{i} {out} is not the {'stacked' if extra else 'concatenated'} yield {y}", n)
 

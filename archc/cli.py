@@ -1,0 +1,149 @@
+"""The `archc` command line: check, ir, graph, cost."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from archc.errors import ArchError
+
+
+def _diagnostics(fn):
+    """User errors print as diagnostics (exit 1); nothing reaches the user as a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ArchError as err:
+            click.echo(err.render(), err=True)
+            sys.exit(1)
+        except click.exceptions.Exit:
+            raise
+        except (KeyboardInterrupt, click.ClickException):
+            raise
+        except RecursionError:
+            click.echo("error: input is nested too deeply", err=True)
+            sys.exit(1)
+        except Exception as err:  # an archc bug: say so plainly, without a traceback
+            click.echo(f"archc: internal error: {type(err).__name__}: {err}\n"
+                       "  this is a bug in archc, not in your file; please report it with the input", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _read(path: str) -> tuple[bytes, str]:
+    p = Path(path)
+    if not p.exists():
+        raise ArchError(f"no such file: {path}")
+    if p.is_dir():
+        raise ArchError(f"{path} is a directory")
+    return p.read_bytes(), path
+
+
+def _graphs(path: str, verify: bool = True):
+    from archc.dsl.lower import lower_module
+    from archc.dsl.parse import parse
+    src, name = _read(path)
+    graphs = lower_module(parse(src, name))
+    if verify:
+        from archc.ir.verify import verify as run_verify
+        for g in graphs:
+            run_verify(g)
+    return graphs
+
+
+def _select(graphs, arch: str | None):
+    if arch is None:
+        return graphs
+    chosen = [g for g in graphs if g.name == arch]
+    if not chosen:
+        raise ArchError(f"no architecture named `{arch}`; this file defines " + ", ".join(g.name for g in graphs))
+    return chosen
+
+
+def _bindings(pairs: tuple[str, ...]) -> dict[str, float | int]:
+    from archc.ir.shapes import ExprSyntaxError, parse_expr
+    out: dict[str, float | int] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ArchError(f"--set expects NAME=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            e = parse_expr(v)
+        except ExprSyntaxError as err:
+            raise ArchError(f"--set {k}: {err}") from None
+        if not e.is_number:
+            raise ArchError(f"--set {k}: value must be a number, got {v!r}")
+        out[k.strip()] = int(e) if e.is_Integer else float(e)
+    return out
+
+
+@click.group()
+@click.version_option(package_name="archc")
+def main():
+    """archc: compile neural architectures written in the .arch language."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+@_diagnostics
+def check(files):
+    """Parse, type- and shape-check FILES."""
+    for f in files:
+        graphs = _graphs(f)
+        click.echo(f"{f}: ok ({', '.join(g.name for g in graphs)})")
+
+
+@main.command()
+@click.argument("file")
+@click.option("--arch", help="Only this architecture of the file.")
+@_diagnostics
+def ir(file, arch):
+    """Print the IR of FILE in its textual form."""
+    from archc.ir.printer import print_module
+    click.echo(print_module(_select(_graphs(file), arch)), nl=False)
+
+
+@main.command()
+@click.argument("file")
+@click.option("-o", "--output", required=True, help="Where to write the DOT graph (an .svg is written beside it when Graphviz is installed).")
+@click.option("--arch", help="Only this architecture of the file.")
+@_diagnostics
+def graph(file, output, arch):
+    """Write FILE's IR as a Graphviz DOT graph (regions as clusters)."""
+    from archc.ir.dot import to_dot
+    graphs = _select(_graphs(file), arch)
+    text = to_dot(graphs)
+    Path(output).write_text(text)
+    click.echo(f"wrote {output}")
+    dot = shutil.which("dot")
+    if dot:
+        svg = str(Path(output).with_suffix(".svg"))
+        subprocess.run([dot, "-Tsvg", output, "-o", svg], check=True)
+        click.echo(f"wrote {svg}")
+
+
+@main.command()
+@click.argument("file")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Bind a symbol (T=4096, B=1, n_r=3).")
+@click.option("--arch", help="Only this architecture of the file.")
+@_diagnostics
+def cost(file, sets, arch):
+    """Print parameters, FLOPs, activation and KV-cache bytes as formulas and values."""
+    from archc.ir.cost import cost as cost_of
+    bindings = _bindings(sets)
+    for g in _select(_graphs(file), arch):
+        known = {s.name for s in g.symbols}
+        unknown = sorted(set(bindings) - known)
+        if unknown:
+            raise ArchError(f"`{g.name}` has no symbol {', '.join(unknown)}; symbols: " + ", ".join(sorted(known)))
+        click.echo(f"== {g.name}")
+        click.echo(cost_of(g).table(bindings))
+
+
+if __name__ == "__main__":
+    main()
