@@ -148,6 +148,8 @@ def _attention(al, frame, c, a, span, hint):
     ins = [q, k, v]
     attrs: dict[str, Any] = {"causal": bool(c["causal"]) and not cross, "window": _av(c["window"]),
                              "prefix": _av(c["prefix"]), "site": frame.path}
+    if frame.copies is not None:
+        attrs["copy"] = _av(frame.index)          # which copy of an arrayed layer this site is
     mv, ms = a["mask"]
     if not (isinstance(mv, Static) and mv.kind == "bool"):
         m = tensor_arg(al, a["mask"], "mask")

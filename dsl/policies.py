@@ -45,10 +45,12 @@ def _share_kv(al, st, targets, opts, spans):
         if across != "recursion":
             raise al.err(f"share_kv across {across!r} is not supported", spans["across"], hint='use across = "recursion"')
         for site in targets:
-            if not al.attention_sites[site]["loops"]:
+            loops = list(al.attention_sites[site]["loops"])
+            if not loops:
                 raise al.err(f"`{site}` is not inside a repeat, so there is no later recursion to share with",
                              st.span, hint="recursion-wise sharing applies to attention inside `repeat`")
-            al.site_attrs[site] = {"kv_share": "recursion"}
+            # the recursion is the outermost repeat around the layer (inner repeats walk its sub-layers)
+            al.site_attrs[site] = {"kv_share": "recursion:" + loops[0]}
         return
     prod_sites = _sites(al, src)
     if len(prod_sites) != 1:

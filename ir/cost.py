@@ -84,6 +84,10 @@ def _bindings(defaults, bindings) -> dict[sympy.Symbol, sympy.Expr]:
 
 def _substitute(e: sympy.Expr, subs) -> sympy.Expr:
     v = e.xreplace(subs)
+    for _ in range(8):                      # defaults may refer to other parameters (ffn = 4*d)
+        if not (v.free_symbols & set(subs)):
+            break
+        v = v.xreplace(subs)
     return v.doit() if v.has(sympy.Sum) else v
 
 
@@ -290,13 +294,21 @@ class _Tally:
     flops: sympy.Expr = ZERO
     act: sympy.Expr = ZERO
     kv: sympy.Expr = ZERO          # repeats with every trip of the enclosing loop
-    kv_once: sympy.Expr = ZERO     # kv_share="recursion": once for the innermost enclosing loop
+    # kv_share="recursion:<var>": counted once for the loop over <var>, keyed by that variable
+    kv_once: tuple[tuple[str, sympy.Expr], ...] = ()
 
     def __add__(self, o: "_Tally") -> "_Tally":
-        return _Tally(self.flops + o.flops, self.act + o.act, self.kv + o.kv, self.kv_once + o.kv_once)
+        return _Tally(self.flops + o.flops, self.act + o.act, self.kv + o.kv, _merge(self.kv_once + o.kv_once))
 
     def scale(self, k: sympy.Expr) -> "_Tally":
-        return _Tally(self.flops * k, self.act * k, self.kv * k, self.kv_once * k)
+        return _Tally(self.flops * k, self.act * k, self.kv * k, tuple((v, e * k) for v, e in self.kv_once))
+
+
+def _merge(pairs) -> tuple[tuple[str, sympy.Expr], ...]:
+    out: dict[str, sympy.Expr] = {}
+    for v, e in pairs:
+        out[v] = out.get(v, ZERO) + e
+    return tuple(out.items())
 
 
 class _Ctx:
@@ -334,7 +346,9 @@ def _attend_kv(n: Node, ins: list[TensorType], ctx: _Ctx) -> _Tally:
         return _Tally()
     kf, vf = kv_factors(n.attr("site"), ctx.policies)
     kv = KV_BYTES * (kf * numel(ins[1]) + vf * numel(ins[2]))
-    return _Tally(kv_once=kv) if share == "recursion" else _Tally(kv=kv)
+    if isinstance(share, str) and share.startswith("recursion:"):
+        return _Tally(kv_once=((share.split(":", 1)[1], kv),))
+    return _Tally(kv=kv)
 
 
 def sum_over(e: sympy.Expr, var: sympy.Symbol | None, trips: sympy.Expr) -> sympy.Expr:
@@ -350,9 +364,14 @@ def _loop(n, ins, outs, types, ctx) -> _Tally:
     body = _region(n.regions[0], types, ctx)
     trips = as_expr(n.attr("trips"))
     var = sym(n.attr("var")) if n.attr("var") else None
-    once = body.kv_once.subs(var, 0) if var is not None else body.kv_once
-    return _Tally(sum_over(body.flops, var, trips), sum_over(body.act, var, trips),
-                  sum_over(body.kv, var, trips) + once)
+    kv = sum_over(body.kv, var, trips)
+    once = []
+    for v, e in body.kv_once:
+        if var is not None and v == var.name:
+            kv = kv + e.subs(var, 0)          # the first recursion's K/V serve every recursion
+        else:
+            once.append((v, sum_over(e, var, trips)))
+    return _Tally(sum_over(body.flops, var, trips), sum_over(body.act, var, trips), kv, tuple(once))
 
 
 def _route_topk(n, ins, outs, types, ctx) -> _Tally:
@@ -398,7 +417,8 @@ def param_count(g: Graph) -> sympy.Expr:
 def cost(g: Graph) -> Cost:
     t = _region(g.body, ChainMap(), _Ctx(g))
     defaults = tuple(sorted(g.symbol_defaults().items()))
-    return Cost(tidy(param_count(g)), tidy(t.flops), tidy(t.act), tidy(t.kv + t.kv_once), defaults)
+    leftover = sum((e for _, e in t.kv_once), ZERO)
+    return Cost(tidy(param_count(g)), tidy(t.flops), tidy(t.act), tidy(t.kv + leftover), defaults)
 
 
 def flops_per_token(g: Graph) -> sympy.Expr:

@@ -395,6 +395,8 @@ def _attend(it, n, ins, vals):
     if n.attr("has_pos"):
         qpos, kpos = rest[0], rest[1]
     site, share = n.attr("site"), n.attr("kv_share")
+    if site and n.attr("copy") is not None:
+        site = f"{site}[{it.env.eval_int(n.attr('copy'))}]"
     if share:
         k, v, kpos = _shared_kv(it, n, share, site, k, v, kpos)
     if site:
@@ -404,8 +406,8 @@ def _attend(it, n, ins, vals):
 
 
 def _shared_kv(it, n, share: str, site: str, k, v, kpos):
-    if share == "recursion":
-        key = "recursion:" + site
+    if share.startswith("recursion:"):
+        key = share + ":" + site          # reset when the recursion loop starts (see _loop)
         if key in it.kv_store:
             return it.kv_store[key]
         it.kv_store[key] = (k, v, kpos)
@@ -541,8 +543,11 @@ def _bank_valid(it, n, ins, vals):
 # -- regions ------------------------------------------------------------------------------------
 
 
-def _sites_in(r: Region) -> list[str]:
-    return [n.attr("site") for n in r.walk() if n.op is Op.ATTEND and n.attr("kv_share") == "recursion"]
+def _reset_recursion_kv(it, var: str):
+    """A recursion loop starting afresh forgets the K/V its previous execution shared."""
+    prefix = f"recursion:{var}:"
+    for key in [k for k in it.kv_store if k.startswith(prefix)]:
+        del it.kv_store[key]
 
 
 @impl(Op.LOOP)
@@ -551,8 +556,7 @@ def _loop(it, n, ins, vals):
     var = n.attr("var")
     gl = n.attr("grad_last")
     no_grad_until = trips - it.env.eval_int(gl) if gl is not None else 0
-    for s in _sites_in(n.regions[0]):
-        it.kv_store.pop("recursion:" + s, None)
+    _reset_recursion_kv(it, var)
     carries = list(ins)
     saved = it.env.values.get(var)
     for i in range(trips):

@@ -459,7 +459,7 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
     D(Op.GATHER, Group.MOVEMENT, (2, 2), ("axis",), _gather, "rows along an axis by per-batch i64 indices", required=("axis",)),
     D(Op.ROPE, Group.MIX, (1, 2), ("base",), _rope, "rotary position embedding on [B, T, H, Dh] (positions operand optional)",
       required=("base",)),
-    D(Op.ATTEND, Group.MIX, (3, 6), ("causal", "window", "prefix", "site", "kv_share", "has_mask", "has_pos"), _attend,
+    D(Op.ATTEND, Group.MIX, (3, 6), ("causal", "window", "prefix", "site", "copy", "kv_share", "has_mask", "has_pos"), _attend,
       "scaled dot-product attention on [B, T, H, Dh]; grouped KV heads repeat; optional mask/positions",
       required=("causal", "window", "prefix")),
     D(Op.LINEAR_SCAN, Group.MIX, (3, 3), ("axis",), _linear_scan, "h_t = a_t * h_{t-1} + b_t along an axis",

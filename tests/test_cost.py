@@ -151,18 +151,28 @@ def shared_kv_loop(kv_share):
 def test_shared_kv_counts_once_per_loop_and_reused_kv_counts_nothing():
     per_site = 8 * B * T * H * dh
     assert same(cost(shared_kv_loop(None)).kv_cache_bytes, n * per_site)
-    assert same(cost(shared_kv_loop("recursion")).kv_cache_bytes, per_site)
+    assert same(cost(shared_kv_loop("recursion:r")).kv_cache_bytes, per_site)
     assert cost(shared_kv_loop("from:layers.0.attn")).kv_cache_bytes == 0
     # sharing the cache does not share the work
-    assert same(cost(shared_kv_loop("recursion")).flops, cost(shared_kv_loop(None)).flops)
+    assert same(cost(shared_kv_loop("recursion:r")).flops, cost(shared_kv_loop(None)).flops)
 
 
 def test_shared_kv_inside_a_nested_loop_repeats_with_the_outer_loop():
-    inner = shared_kv_loop("recursion").body.nodes[0]
+    inner = shared_kv_loop("recursion:r").body.nodes[0]
     q = Value("q", tensor(F32, B, T, H, dh))
     outer = node(Op.LOOP, ["q"], "outer", q.type, {"trips": 3, "var": "c"},
                  [Region((Value("c.0", tensor(I64)), Value("q.2", q.type)), (inner,), ("out",))])
     assert same(cost(graph([outer], [q], ["outer"])).kv_cache_bytes, 3 * 8 * B * T * H * dh)
+
+
+def test_shared_kv_counts_once_for_its_recursion_loop_not_an_inner_one():
+    # MoR: recursion loop r around a stack of sub-layers j; sharing is across r, sub-layers are distinct
+    inner = shared_kv_loop("recursion:r").body.nodes[0]
+    inner = inner.replace(attrs={**inner.attr_dict, "var": "j", "trips": 2})
+    q = Value("q", tensor(F32, B, T, H, dh))
+    outer = node(Op.LOOP, ["q"], "outer", q.type, {"trips": 3, "var": "r"},
+                 [Region((Value("q.2", q.type),), (inner,), ("out",))])
+    assert same(cost(graph([outer], [q], ["outer"])).kv_cache_bytes, 2 * 8 * B * T * H * dh)
 
 
 def test_prune_key_channels_policy_scales_the_keys_of_targeted_sites():

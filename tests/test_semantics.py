@@ -348,3 +348,35 @@ def test_interpreter_trains_depth_recurrent():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_share_kv_in_a_layer_stack_shares_per_layer_across_recursions():
+    """MoR's KV-sharing variant: each sub-layer of the recursion block keeps its own K/V."""
+    src = """
+arch S2(d: int = 8, heads: int = 2) {
+  input x: f32[B, T, d]
+  layer core[2] = Attention(d, heads, causal = true, rope = false)
+  h = x
+  repeat r in 2 {
+    repeat j in 2 {
+      h = h + core[j](h)
+    }
+  }
+  output y = h
+  cache share_kv(core, across = "recursion")
+}
+"""
+    g = one(src)
+    p = init_params(g, seed=0)
+    x = torch.randn(1, 4, 8)
+    heads = lambda t: t.unflatten(-1, (2, 4))
+    W = lambda j, name: p[f"core.{name}.weight"][j]
+    kv = {}
+    h = x
+    for r in range(2):
+        for j in range(2):
+            if r == 0:
+                kv[j] = (heads(h @ W(j, "k").T), heads(h @ W(j, "v").T))
+            a = attention(heads(h @ W(j, "q").T), *kv[j], causal=True)
+            h = h + a.flatten(-2) @ W(j, "o").T
+    assert torch.allclose(run(g, p, {"x": x})["y"], h, atol=1e-5)
