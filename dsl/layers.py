@@ -9,6 +9,7 @@ import sympy
 from archc.dsl import ast as A
 from archc.dsl.builtins import (_REQ, S, Sig, _check_divides, bind_args, bool_arg, int_arg, num_arg, str_arg,
                                 tensor_arg)
+from archc.dsl.lower import shown
 from archc.dsl.values import LayerInst, Static, StrVal
 from archc.errors import Span
 from archc.ir.core import Value
@@ -284,7 +285,7 @@ def bind_ctor(al, kind: str, decl, scope, frame) -> dict[str, Any]:
                 out[key] = int_arg(al, (v, span), f"`{key}` of {kind}")
                 val = out[key].subs(al.defaults)
                 if val.is_number and val < 1 and key not in ("window", "prefix"):
-                    raise al.err(f"`{key}` of {kind} must be at least 1, got {expr_str(out[key])} = {val}", span)
+                    raise al.err(f"`{key}` of {kind} must be at least 1, got {shown(out[key], val)}", span)
         else:
             raise al.err(f"`{key}` of {kind} must be a compile-time value", span)
     if prim.validate:

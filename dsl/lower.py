@@ -272,7 +272,7 @@ class ArchLowering:
         if minimum is not None:
             for val in self.sample_values(v.expr, frame):
                 if val.is_number and val < minimum:
-                    raise self.err(f"{what} must be at least {minimum}, got {expr_str(v.expr)} = {val}", e.span)
+                    raise self.err(f"{what} must be at least {minimum}, got {shown(v.expr, val)}", e.span)
         return v.expr
 
     def sample_values(self, e: sympy.Basic, frame: Frame) -> list[sympy.Basic]:
@@ -398,6 +398,14 @@ def _attr_default(e: sympy.Basic, kind: str):
     if kind == "float" and isinstance(v, int):
         return float(v)
     return v
+
+
+def shown(expr, value) -> str:
+    """`expr = value` for a symbolic expression, just the value for a literal."""
+    v = sympy.sympify(value)
+    text = str(int(v)) if v.is_Integer else (f"{float(v):g}" if v.is_number else str(v))
+    e = sympy.sympify(expr)
+    return text if e.is_number else f"{expr_str(e)} = {text}"
 
 
 def suggest(name: str, candidates) -> str | None:

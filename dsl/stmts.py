@@ -8,6 +8,7 @@ import sympy
 
 from archc.dsl import ast as A
 from archc.dsl.exprs import as_tensor, lower_expr
+from archc.dsl.lower import shown
 from archc.dsl.values import LayerInst, MemInst, Static
 from archc.errors import Span
 from archc.ir.core import Region, Value
@@ -41,7 +42,7 @@ class StmtLowering:
                 raise self.err(f"a dimension must be an integer, got {expr_str(v.expr)}", d.span)
             val = v.expr.subs(self.al.defaults)
             if val.is_number and val < 1:
-                raise self.err(f"a dimension must be positive, got {expr_str(v.expr)} = {val}", d.span)
+                raise self.err(f"a dimension must be positive, got {shown(v.expr, val)}", d.span)
             dims.append(v.expr)
         return TensorType(DTYPES[t.dtype], tuple(dims))
 
@@ -453,7 +454,7 @@ class StmtLowering:
                 raise self.err("capacity must be a compile-time number (it may use loop variables)", cap_span)
             for val in al.sample_values(cap_v.expr, frame):
                 if val.is_number and not (0 < val <= 1):
-                    raise self.err(f"capacity must be in (0, 1], got {expr_str(cap_v.expr)} = {val}", cap_span,
+                    raise self.err(f"capacity must be in (0, 1], got {shown(cap_v.expr, val)}", cap_span,
                                    hint="capacity is the fraction of tokens routed through the body")
             operands.append(score)
             attrs["capacity"] = _attr_value(cap_v.expr)

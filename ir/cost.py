@@ -418,7 +418,14 @@ def cost(g: Graph) -> Cost:
     t = _region(g.body, ChainMap(), _Ctx(g))
     defaults = tuple(sorted(g.symbol_defaults().items()))
     leftover = sum((e for _, e in t.kv_once), ZERO)
-    return Cost(tidy(param_count(g)), tidy(t.flops), tidy(t.act), tidy(t.kv + leftover), defaults)
+    return Cost(*(_with_assumptions(g, e) for e in (param_count(g), t.flops, t.act, t.kv + leftover)), defaults)
+
+
+def _with_assumptions(g: Graph, e: sympy.Expr) -> sympy.Expr:
+    """Simplify knowing that dims and int parameters are positive integers (floor(T) = T, Max(1, T) = T)."""
+    ints = {sym(s.name): sympy.Symbol(s.name, integer=True, positive=True) for s in g.symbols if s.kind in ("int", "dim")}
+    back = {v: k for k, v in ints.items()}
+    return tidy(tidy(e.xreplace(ints)).xreplace(back))
 
 
 def flops_per_token(g: Graph) -> sympy.Expr:
