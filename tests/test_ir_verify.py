@@ -91,7 +91,7 @@ MASK = """\
 
 SCAN = """\
     %s0 = sum(%x) {axis=1} : f32[B, d]
-    %s, %ys = scan(%x, %s0) {size=<c>, stacked=false} : f32[B, d], f32[B, T, d] {
+    %s, %ys = scan(%x, %s0) {size=<c>, stacked=[false]} : f32[B, d], f32[B, T, d] {
       ^(%seg : f32[B, c, d], %s.1 : f32[B, d]):
       %m = sum(%seg) {axis=1} : f32[B, d]
       %s.2 = add(%s.1, %m) : f32[B, d]
@@ -248,7 +248,7 @@ def _swap(text: str, old: str, new: str) -> Graph:
     (MASK, "yield %z", "yield %pos", "route_mask region yields #0: type i64[B, T] does not match f32[B, T, d]"),
     (SCAN, "^(%seg : f32[B, c, d]", "^(%seg : i64[B, c, d]", "scan segment i64[B, c, d] is not a size-c segment"),
     (SCAN, "yield %s.2, %y", "yield %y, %s.2", "scan yielded carries #0: type f32[B, c, d] does not match f32[B, d]"),
-    (SCAN, "stacked=false", "stacked=true", "scan result #1 f32[B, T, d] is not the stacked yield f32[B, c, d]"),
+    (SCAN, "stacked=[false]", "stacked=[true]", "scan result #1 f32[B, T, d] is not the stacked yield f32[B, c, d]"),
     (SCAN, "yield %s.2, %y", "yield %s.2, %y, %m", "scan returns the carries and one value per extra yield"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith(" ") else "")
 def test_region_contracts(text, old, new, fragment):
