@@ -31,10 +31,11 @@ def lower(path_or_source: str | Path, file: str | None = None) -> list[Graph]:
 
 def check(path_or_source: str | Path, file: str | None = None) -> list[Graph]:
     """Lower and verify; raises ArchError on the first problem."""
+    from archc.ir.interpret import resolve_bindings
     from archc.ir.verify import verify
     graphs = lower(path_or_source, file)
     for g in graphs:
-        verify(g)
+        verify(g, resolve_bindings(g))     # symbolic checks, then again at the default sizes
     return graphs
 
 

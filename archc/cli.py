@@ -50,9 +50,10 @@ def _graphs(path: str, verify: bool = True):
     src, name = _read(path)
     graphs = lower_module(parse(src, name))
     if verify:
+        from archc.ir.interpret import resolve_bindings
         from archc.ir.verify import verify as run_verify
         for g in graphs:
-            run_verify(g)
+            run_verify(g, resolve_bindings(g))
     return graphs
 
 

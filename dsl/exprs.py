@@ -63,7 +63,7 @@ def _name(al, e: A.Name, scope, frame, hint):
     if v is None:
         from archc.dsl.lower import suggest
         hint_text = suggest(e.id, scope.names())
-        loop_local = getattr(scope, "_loop_locals", {}).get(e.id)
+        loop_local = scope.loop_local(e.id)
         if loop_local is not None:
             hint_text = (f"`{e.id}` is defined inside a loop body at line {loop_local.line}; "
                          f"assign it before the loop to carry it out")

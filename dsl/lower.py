@@ -36,6 +36,26 @@ class Scope:
     vars: dict[str, Any] = field(default_factory=dict)
     parent: "Scope | None" = None
     local_defs: dict[str, Span] = field(default_factory=dict)   # names first defined in this scope
+    in_region: bool = False                                      # a loop/route/scan body
+    carried: dict[str, Any] = field(default_factory=dict)        # carried name -> its fixed type
+    no_mutation: bool = False                                    # memories may not be written (routes)
+    loop_locals: dict[str, Span] = field(default_factory=dict)   # names that died with a loop body
+
+    def any_scope(self, pred) -> bool:
+        s: Scope | None = self
+        while s is not None:
+            if pred(s):
+                return True
+            s = s.parent
+        return False
+
+    def loop_local(self, name: str) -> Span | None:
+        s: Scope | None = self
+        while s is not None:
+            if name in s.loop_locals:
+                return s.loop_locals[name]
+            s = s.parent
+        return None
 
     def lookup(self, name: str):
         s: Scope | None = self

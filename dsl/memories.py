@@ -234,7 +234,7 @@ def call_memory_method(al, mem: MemInst, method: str, e: A.Call, scope, frame, h
         raise al.err(f"{mem.kind} `{mem.name}` has no method `{method}`", e.func.span,
                      hint=suggest(method, kind.methods) or f"methods: {', '.join(kind.methods)}")
     sig, handler, mutates = kind.methods[method]
-    if mutates and getattr(scope, "_no_mutation", None):
+    if mutates and scope.any_scope(lambda s: s.no_mutation):
         raise al.err(f"`{mem.name}.{method}` changes memory state and is not allowed inside a route", e.span)
     a = bind_args(al, f"{mem.name}.{method}", sig, e, scope, frame)
     result, new_state = handler(al, mem, mem.args, a, e.span, hint)

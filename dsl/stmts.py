@@ -195,12 +195,13 @@ class StmtLowering:
         if isinstance(prev, (LayerInst, MemInst)):
             raise self.err(f"`{name}` is a {'layer' if isinstance(prev, LayerInst) else 'memory'} and cannot be reassigned",
                            span)
-        if isinstance(prev, Static) and scope.owner(name) is not scope and getattr(scope, "_region", False):
+        if isinstance(prev, Static) and scope.owner(name) is not scope and scope.in_region:
             raise self.err(f"`{name}` is a compile-time value of an enclosing scope and cannot be reassigned here", span)
         if isinstance(v, (LayerInst, MemInst)):
             raise self.err("layers and memories cannot be aliased; use the declared name", span)
-        if isinstance(prev, Value) and isinstance(v, Value) and getattr(scope, "_carried", None) and name in scope._carried:
-            want = scope._carried[name]
+        owner = scope.owner(name)
+        if isinstance(prev, Value) and isinstance(v, Value) and owner is not None and name in owner.carried:
+            want = owner.carried[name]
             if v.type.dtype != want.dtype or len(v.type.shape) != len(want.shape) or any(
                     dims_equal(a, b, self.al.defaults) is False for a, b in zip(v.type.shape, want.shape)):
                 raise self.err(f"`{name}` changes type inside the loop: {want} before, {v.type} here", span,
@@ -371,11 +372,10 @@ class StmtLowering:
         from archc.dsl.lower import Scope
         al = self.al
         bscope = Scope(parent=scope)
-        bscope._region = True
+        bscope.in_region = True
         carry_vals: list[Value] = []
         layout: list[tuple[str, int]] = []   # (name, number of values)
         args: list[Value] = list(region_args or [])
-        bscope._carried = {}
         for name in carried:
             v = scope.lookup(name)
             if isinstance(v, MemInst):
@@ -387,7 +387,7 @@ class StmtLowering:
             else:
                 a = self.b.value(name, v.type)
                 bscope.vars[name] = a
-                bscope._carried[name] = v.type
+                bscope.carried[name] = v.type
                 carry_vals.append(v)
                 args.append(a)
                 layout.append((name, 1))
@@ -397,7 +397,7 @@ class StmtLowering:
             for name, n in layout:
                 v = bscope.vars[name]
                 yields.extend(v.state if isinstance(v, MemInst) else [v])
-        scope._loop_locals = {**getattr(scope, "_loop_locals", {}),
+        scope.loop_locals = {**scope.loop_locals,
                               **{k: s for k, s in bscope.local_defs.items() if k not in carried}}
         if prefix_yields:
             results = [v.name for v in extra_yields] + [v.name for v in yields]
@@ -478,8 +478,8 @@ class StmtLowering:
 
         def body(bscope, bf):
             bscope.vars[st.var] = xs
-            bscope._carried = {st.var: xs.type}
-            bscope._no_mutation = True
+            bscope.carried = {st.var: xs.type}
+            bscope.no_mutation = True
             self.lower_block(st.body, bscope, bf, kind="route")
             y = bscope.vars[st.var]
             return [y]

@@ -408,7 +408,7 @@ def _bank_valid(ins, attrs):
 D = OpDef
 OPS: dict[Op, OpDef] = {d.op: d for d in [
     D(Op.CONST, Group.SOURCE, (0, 0), ("value", "dtype"), _const, "a scalar: a number or an expression of symbols",
-      example="%c = const() {dtype=\"f32\", value=1/d} : f32[]", required=("value", "dtype")),
+      example="%c = const() {dtype=\"f32\", value=<1/d>} : f32[]", required=("value", "dtype")),
     D(Op.FULL, Group.SOURCE, (0, 0), ("value", "dtype", "shape"), _full, "a tensor of one value",
       required=("value", "dtype", "shape")),
     D(Op.ARANGE, Group.SOURCE, (0, 0), ("n",), _arange, "0, 1, ..., n-1 as i64", required=("n",)),

@@ -5,8 +5,8 @@
       policy share_kv(targets=["core.attn"], across="recursion")
       input %tokens : i64[B, T]
       %x = embedding(%tokens, %w) : f32[B, T, d]
-      %y = loop(%x) {trips=<n_r>} : f32[B, T, d] {
-        ^(%r : i64[], %x.1 : f32[B, T, d]):
+      %y = loop(%x) {trips=<n_r>, var="r"} : f32[B, T, d] {
+        ^(%x.1 : f32[B, T, d]):
         ...
         yield %x.2
       }

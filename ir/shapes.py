@@ -106,8 +106,7 @@ _FUNCS = {
     "ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min,
     "Mod": sympy.Mod, "sqrt": sympy.sqrt, "log": sympy.log, "exp": sympy.exp,
 }
-_CONSTS = {"oo": sympy.oo, "pi": sympy.pi, "E": sympy.E, "inf": sympy.oo, "nan": sympy.nan,
-           "True": sympy.true, "False": sympy.false}
+_CONSTS = {"oo": sympy.oo, "inf": sympy.oo, "nan": sympy.nan}   # every other name is a symbol (E = experts)
 
 
 class ExprSyntaxError(ValueError):

@@ -30,7 +30,8 @@ def _free_symbols(v: Any) -> set[str]:
 class _Verifier:
     def __init__(self, g: Graph, bindings: dict | None):
         self.g = g
-        self.bindings = {sym(k) if isinstance(k, str) else k: v for k, v in (bindings or {}).items()} or None
+        bindings = {sym(k) if isinstance(k, str) else k: v for k, v in (bindings or {}).items() if v is not None}
+        self.bindings = bindings or None
         self.params = {p.name: p for p in g.params}
         self.symbols = {s.name for s in g.symbols}
         self.types: dict[str, TensorType] = {}
