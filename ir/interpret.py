@@ -13,6 +13,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
+from archc.backends import torch_runtime as rt
 from archc.errors import ArchError
 from archc.ir.core import Graph, Node, Param, Region
 from archc.ir.ops import Op
@@ -218,11 +219,6 @@ def impl(*ops: Op):
     return deco
 
 
-def _one(f):
-    """Adapt a function of (it, node, *inputs) returning one tensor."""
-    return lambda it, n, ins, vals: [f(it, n, *ins)]
-
-
 @impl(Op.CONST)
 def _const(it, n, ins, vals):
     return [torch.tensor(it.attr(n, "value"), dtype=TORCH_DTYPES[DType(n.attr("dtype"))])]
@@ -300,18 +296,10 @@ IMPL[Op.CUMSUM] = lambda it, n, ins, vals: [torch.cumsum(ins[0], dim=_axis(it, n
 
 @impl(Op.TOPK_MASK)
 def _topk_mask(it, n, ins, vals):
-    x, ax = ins[0], _axis(it, n)
-    k = min(it.env.eval_int(n.attr("k")), x.shape[ax])
-    idx = torch.topk(x, k, dim=ax).indices
-    return [torch.zeros_like(x, dtype=torch.bool).scatter(ax, idx, True)]
+    return [rt.topk_mask(ins[0], it.env.eval_int(n.attr("k")), _axis(it, n))]
 
 
-@impl(Op.RMS_NORM)
-def _rms(it, n, ins, vals):
-    x, w = ins
-    return [x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + it.attr(n, "eps")) * w]
-
-
+IMPL[Op.RMS_NORM] = lambda it, n, ins, vals: [rt.rms_norm(ins[0], ins[1], it.attr(n, "eps"))]
 IMPL[Op.LAYER_NORM] = lambda it, n, ins, vals: [F.layer_norm(ins[0], ins[0].shape[-1:], ins[1], ins[2], it.attr(n, "eps"))]
 IMPL[Op.L2_NORMALIZE] = lambda it, n, ins, vals: [F.normalize(ins[0], dim=-1, eps=it.attr(n, "eps"))]
 IMPL[Op.LINEAR] = lambda it, n, ins, vals: [F.linear(*ins)]
@@ -320,16 +308,8 @@ IMPL[Op.EINSUM] = lambda it, n, ins, vals: [torch.einsum(n.attr("equation"), *in
 IMPL[Op.EMBEDDING] = lambda it, n, ins, vals: [ins[1][ins[0]]]
 
 
-@impl(Op.CONV1D)
-def _conv1d(it, n, ins, vals):
-    x, w = ins[0], ins[1]
-    b = ins[2] if len(ins) > 2 else None
-    k = w.shape[-1]
-    xt = x.transpose(-1, -2)
-    xt = F.pad(xt, (k - 1, 0)) if n.attr("causal") else F.pad(xt, ((k - 1) // 2, k - 1 - (k - 1) // 2))
-    return [F.conv1d(xt, w, b).transpose(-1, -2)]
-
-
+IMPL[Op.CONV1D] = lambda it, n, ins, vals: [rt.conv1d(ins[0], ins[1], ins[2] if len(ins) > 2 else None,
+                                                       bool(n.attr("causal")))]
 IMPL[Op.RESHAPE] = lambda it, n, ins, vals: [ins[0].reshape([it.env.eval_int(d) for d in n.attr("shape")])]
 IMPL[Op.PERMUTE] = lambda it, n, ins, vals: [ins[0].permute(*n.attr("perm"))]
 IMPL[Op.CONCAT] = lambda it, n, ins, vals: [torch.cat(ins, dim=_axis(it, n))]
@@ -358,32 +338,8 @@ def _split_heads(it, n, ins, vals):
     return [x.unflatten(-1, (h, x.shape[-1] // h))]
 
 
-@impl(Op.GATHER)
-def _gather(it, n, ins, vals):
-    x, idx = ins
-    ax = _axis(it, n)
-    view = idx.reshape(idx.shape + (1,) * (x.dim() - idx.dim()))
-    view = view.expand(idx.shape + x.shape[ax + 1:])
-    return [torch.gather(x, ax, view)]
-
-
-def _positions(T: int, device=None) -> torch.Tensor:
-    return torch.arange(T, device=device)
-
-
-@impl(Op.ROPE)
-def _rope(it, n, ins, vals):
-    x = ins[0]
-    B, T, H, D = x.shape
-    if D % 2:
-        raise ArchError(f"rope needs an even head size, got {D}", n.span)
-    pos = ins[1].to(x.dtype) if len(ins) > 1 else _positions(T).to(x.dtype)[None].expand(B, T)
-    half = D // 2
-    freq = float(it.attr(n, "base")) ** (-torch.arange(half, dtype=x.dtype) * 2 / D)
-    ang = pos[..., None] * freq                      # [B, T, half]
-    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return [torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)]
+IMPL[Op.GATHER] = lambda it, n, ins, vals: [rt.gather_along(ins[0], ins[1], _axis(it, n))]
+IMPL[Op.ROPE] = lambda it, n, ins, vals: [rt.rope(ins[0], float(it.attr(n, "base")), ins[1] if len(ins) > 1 else None)]
 
 
 @impl(Op.ATTEND)
@@ -398,156 +354,36 @@ def _attend(it, n, ins, vals):
     if site and n.attr("copy") is not None:
         site = f"{site}[{it.env.eval_int(n.attr('copy'))}]"
     if share:
-        k, v, kpos = _shared_kv(it, n, share, site, k, v, kpos)
+        try:
+            k, v, kpos = rt.kv_lookup(it.kv_store, share, site, k, v, kpos, it.training, it.gen)
+        except RuntimeError as err:
+            raise ArchError(str(err), n.span) from None
     if site:
         it.kv_store[site] = (k, v, kpos)
-    return [attention(q, k, v, causal=bool(n.attr("causal")), window=it.env.eval_int(n.attr("window", 0)),
-                      prefix=it.env.eval_int(n.attr("prefix", 0)), mask=mask, qpos=qpos, kpos=kpos)]
+    return [rt.attention(q, k, v, causal=bool(n.attr("causal")), window=it.env.eval_int(n.attr("window", 0)),
+                         prefix=it.env.eval_int(n.attr("prefix", 0)), mask=mask, qpos=qpos, kpos=kpos)]
 
 
-def _shared_kv(it, n, share: str, site: str, k, v, kpos):
-    if share.startswith("recursion:"):
-        key = share + ":" + site          # reset when the recursion loop starts (see _loop)
-        if key in it.kv_store:
-            return it.kv_store[key]
-        it.kv_store[key] = (k, v, kpos)
-        return k, v, kpos
-    if share.startswith("from:"):
-        src = share[5:]
-    else:
-        _, p, src = share.split(":", 2)
-        if it.training:
-            coin = torch.rand((), generator=it.gen) if it.gen is not None else torch.rand(())
-            if float(coin) >= float(p):
-                return k, v, kpos
-    if src not in it.kv_store:
-        raise ArchError(f"attention `{site}` reads the K/V of `{src}`, which has not run before it", n.span)
-    sk, sv, skpos = it.kv_store[src]
-    return sk, sv, skpos
-
-
-def attention(q, k, v, causal=False, window=0, prefix=0, mask=None, qpos=None, kpos=None):
-    """Reference attention on [B, T, H, D]; fully masked rows give zeros."""
-    B, Tq, H, D = q.shape
-    Tk, Hk = k.shape[1], k.shape[2]
-    if Hk != H:
-        k = k.repeat_interleave(H // Hk, dim=2)
-        v = v.repeat_interleave(H // Hk, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
-    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
-    if causal or window:
-        qp = (qpos if qpos is not None else (torch.arange(Tq) + (Tk - Tq))[None].expand(B, Tq))[:, :, None]
-        kp = (kpos if kpos is not None else torch.arange(Tk)[None].expand(B, Tk))[:, None, :]
-        if causal:
-            allowed = allowed & (kp <= qp)[:, None]
-        if window:
-            allowed = allowed & (qp - kp < window)[:, None]
-        if prefix:
-            allowed = allowed | (torch.arange(Tk) < prefix)[None, None, None, :]
-    if mask is not None:                       # [Tq, Tk] or [B, Tq, Tk]; true = may attend
-        m = mask if mask.dim() == 3 else mask[None]
-        allowed = allowed & m[:, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    w = torch.softmax(scores, dim=-1)
-    w = torch.nan_to_num(w, nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", w, v)
-
-
-@impl(Op.LINEAR_SCAN)
-def _linear_scan(it, n, ins, vals):
-    a, b, h = ins
-    ax = _axis(it, n)
-    a, b = torch.broadcast_tensors(a, b)
-    outs = []
-    for t in range(a.shape[ax]):
-        h = a.select(ax, t) * h + b.select(ax, t)
-        outs.append(h)
-    return [torch.stack(outs, dim=ax)]
-
-
-@impl(Op.LINEAR_ATTN)
-def _linear_attn(it, n, ins, vals):
-    q, k, v, s = ins
-    T = q.shape[1]
-    causal = torch.ones(T, T).tril().bool()
-    scores = torch.einsum("btk,bsk->bts", q, k).masked_fill(~causal, 0.0)
-    y = torch.einsum("bvk,btk->btv", s, q) + torch.einsum("bts,bsv->btv", scores, v)
-    return [y, s + torch.einsum("btv,btk->bvk", v, k)]
-
-
-_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
-
-
-def mlp_memory(q, ws, act: str, residual: bool):
-    """Apply per-sample MLP weights ws[i]: [B, out, in] to q: [B, ..., in]."""
-    shape = q.shape
-    h = q.reshape(shape[0], -1, shape[-1])
-    x0 = h
-    for i, w in enumerate(ws):
-        h = torch.einsum("bti,boi->bto", h, w)
-        if i < len(ws) - 1:
-            h = _ACT[act](h)
-    if residual:
-        h = h + x0
-    return h.reshape(shape[:-1] + (h.shape[-1],))
-
-
-@impl(Op.MEM_READ)
-def _mem_read(it, n, ins, vals):
-    return [mlp_memory(ins[0], ins[1:], n.attr("act"), bool(n.attr("residual")))]
-
-
-def memory_loss(pred, v, kind: str):
-    err = pred - v
-    if kind == "mse":
-        return err.pow(2).mean(-1)
-    if kind == "l1":
-        return err.abs().mean(-1)
-    return F.huber_loss(pred, v, reduction="none").mean(-1)
+IMPL[Op.LINEAR_SCAN] = lambda it, n, ins, vals: [rt.linear_scan(*ins, _axis(it, n))]
+IMPL[Op.LINEAR_ATTN] = lambda it, n, ins, vals: list(rt.linear_attn(*ins))
+IMPL[Op.MEM_READ] = lambda it, n, ins, vals: [rt.mlp_memory(ins[0], ins[1:], n.attr("act"), bool(n.attr("residual")))]
 
 
 @impl(Op.MEM_WRITE)
 def _mem_write(it, n, ins, vals):
     L = int(n.attr("layers"))
-    k, v, lr, mom, fg = ins[:5]
-    ws, ms = ins[5:5 + L], ins[5 + L:5 + 2 * L]
-    outer = torch.is_grad_enabled()
-    with torch.enable_grad():
-        leaf = [w if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in ws]
-        pred = mlp_memory(k, leaf, n.attr("act"), bool(n.attr("residual")))
-        loss = (memory_loss(pred, v, n.attr("loss")).reshape(lr.shape) * lr).sum()
-        grads = torch.autograd.grad(loss, leaf, create_graph=outer and any(w.requires_grad for w in ws))
-    b = lambda t, like: t.reshape(t.shape + (1,) * (like.dim() - 1))
-    new_m = [b(mom, m) * m - g for m, g in zip(ms, grads)]
-    new_w = [(1 - b(fg, w)) * w + m for w, m in zip(ws, new_m)]
-    return new_w + new_m
+    ws, ms = rt.memory_write(*ins[:5], ins[5:5 + L], ins[5 + L:5 + 2 * L], n.attr("act"), bool(n.attr("residual")),
+                             n.attr("loss"))
+    return ws + ms
 
 
-@impl(Op.BANK_PUSH)
-def _bank_push(it, n, ins, vals):
-    buf, count, v = ins
-    N = buf.shape[1]
-    full = (count >= N).reshape((-1,) + (1,) * (buf.dim() - 1))
-    shifted = torch.cat([buf[:, 1:], v.unsqueeze(1)], dim=1)
-    slot = (torch.arange(N)[None, :] == count.clamp(max=N - 1)[:, None]).reshape(buf.shape[:2] + (1,) * (buf.dim() - 2))
-    placed = torch.where(slot, v.unsqueeze(1).expand_as(buf), buf)
-    return [torch.where(full, shifted, placed), torch.clamp(count + 1, max=N)]
+IMPL[Op.BANK_PUSH] = lambda it, n, ins, vals: list(rt.bank_push(*ins))
 
 
-@impl(Op.BANK_VALID)
-def _bank_valid(it, n, ins, vals):
-    buf, count = ins
-    return [torch.arange(buf.shape[1])[None, :] < count[:, None]]
+IMPL[Op.BANK_VALID] = lambda it, n, ins, vals: [rt.bank_valid(*ins)]
 
 
 # -- regions ------------------------------------------------------------------------------------
-
-
-def _reset_recursion_kv(it, var: str):
-    """A recursion loop starting afresh forgets the K/V its previous execution shared."""
-    prefix = f"recursion:{var}:"
-    for key in [k for k in it.kv_store if k.startswith(prefix)]:
-        del it.kv_store[key]
 
 
 @impl(Op.LOOP)
@@ -556,7 +392,7 @@ def _loop(it, n, ins, vals):
     var = n.attr("var")
     gl = n.attr("grad_last")
     no_grad_until = trips - it.env.eval_int(gl) if gl is not None else 0
-    _reset_recursion_kv(it, var)
+    rt.kv_reset(it.kv_store, var)
     carries = list(ins)
     saved = it.env.values.get(var)
     for i in range(trips):
@@ -610,24 +446,11 @@ def _route_topk(it, n, ins, vals):
     rest = list(ins[2:])
     among = rest.pop(0) if n.attr("has_among") else None
     weight = rest.pop(0) if n.attr("has_weight") else None
-    B, T = x.shape[:2]
-    cap = it.attr(n, "capacity")
-    k = max(1, math.floor(cap * T + 1e-9))
-    s = score if among is None else score.masked_fill(~among, float("-inf"))
-    idx = torch.topk(s, k, dim=1).indices.sort(dim=1).values          # keep causal order
-    gidx = idx.reshape(B, k, *([1] * (x.dim() - 2))).expand(B, k, *x.shape[2:])
-    x_sel = torch.gather(x, 1, gidx)
+    k = max(1, math.floor(it.attr(n, "capacity") * x.shape[1] + 1e-9))
+    idx = rt.route_select(score, k, among)
+    x_sel = rt.gather_along(x, idx, 1)
     (y,) = it.run_region(n.regions[0], [x_sel, idx], vals)
-    new = y
-    if weight is not None:
-        w = torch.gather(weight, 1, idx).reshape(B, k, *([1] * (x.dim() - 2)))
-        new = x_sel + w * (y - x_sel)
-    sel = torch.zeros(B, T, dtype=torch.bool).scatter(1, idx, True)
-    if among is not None:
-        valid = torch.gather(among, 1, idx)
-        new = torch.where(valid.reshape(B, k, *([1] * (x.dim() - 2))), new, x_sel)
-        sel = sel & among
-    return [x.scatter(1, gidx, new), sel]
+    return list(rt.route_scatter(x, idx, x_sel, y, weight, among))
 
 
 @impl(Op.ROUTE_MASK)

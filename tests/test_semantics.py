@@ -6,7 +6,8 @@ import torch
 
 import archc.stdlib as stdlib
 from archc.api import lower
-from archc.ir.interpret import GraphModule, attention, init_params, run
+from archc.backends.torch_runtime import attention
+from archc.ir.interpret import GraphModule, init_params, run
 
 
 def one(src: str):

@@ -1,0 +1,205 @@
+"""The small runtime shared by the interpreter and generated PyTorch modules.
+
+Every function here is self-contained (it uses only `torch`, `F` and `math`), so the PyTorch
+backend copies the source of the ones a model uses into the generated file: generated modules
+import nothing from archc. The interpreter calls the same functions, so both agree by
+construction on these kernels; the differential tests then check everything around them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x, w, eps: float):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x, base: float, pos=None):
+    """Rotary embedding (half-split) on [B, T, H, D]; positions default to 0..T-1."""
+    B, T, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"rope needs an even head size, got {D}")
+    if pos is None:
+        pos = torch.arange(T, device=x.device)[None].expand(B, T)
+    half = D // 2
+    freq = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) * 2 / D)
+    ang = pos.to(x.dtype)[..., None] * freq
+    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, mask=None, qpos=None, kpos=None):
+    """Scaled dot-product attention on [B, T, H, D] with grouped KV heads; fully masked rows give 0.
+
+    causal/window compare positions (qpos/kpos, default: queries are the last Tq of Tk positions);
+    the first `prefix` keys are visible to every query; `mask` ([Tq, Tk] or [B, Tq, Tk]) is true
+    where attending is allowed.
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=2)
+        v = v.repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal or window:
+        if qpos is None:
+            qpos = (torch.arange(Tq, device=q.device) + (Tk - Tq))[None].expand(B, Tq)
+        if kpos is None:
+            kpos = torch.arange(Tk, device=q.device)[None].expand(B, Tk)
+        qp, kp = qpos[:, :, None], kpos[:, None, :]
+        if causal:
+            allowed = allowed & (kp <= qp)[:, None]
+        if window:
+            allowed = allowed & (qp - kp < window)[:, None]
+        if prefix:
+            allowed = allowed | (torch.arange(Tk, device=q.device) < prefix)[None, None, None, :]
+    if mask is not None:
+        m = mask if mask.dim() == 3 else mask[None]
+        allowed = allowed & m[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    w = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def topk_mask(x, k: int, axis: int):
+    k = min(k, x.shape[axis])
+    idx = torch.topk(x, k, dim=axis).indices
+    return torch.zeros_like(x, dtype=torch.bool).scatter(axis, idx, True)
+
+
+def gather_along(x, idx, axis: int):
+    """x[b, idx[b, j], ...] along `axis` for per-batch indices of rank axis + 1."""
+    view = idx.reshape(idx.shape + (1,) * (x.dim() - idx.dim())).expand(idx.shape + x.shape[axis + 1:])
+    return torch.gather(x, axis, view)
+
+
+def conv1d(x, w, b, causal: bool):
+    """1-D convolution over the sequence axis of [B, T, C]; causal pads on the left."""
+    k = w.shape[-1]
+    xt = x.transpose(-1, -2)
+    xt = F.pad(xt, (k - 1, 0)) if causal else F.pad(xt, ((k - 1) // 2, k - 1 - (k - 1) // 2))
+    return F.conv1d(xt, w, b).transpose(-1, -2)
+
+
+def linear_scan(a, b, h, axis: int):
+    """h_t = a_t * h_{t-1} + b_t along `axis` (sequential reference form)."""
+    a, b = torch.broadcast_tensors(a, b)
+    outs = []
+    for t in range(a.shape[axis]):
+        h = a.select(axis, t) * h + b.select(axis, t)
+        outs.append(h)
+    return torch.stack(outs, dim=axis)
+
+
+def linear_attn(q, k, v, s):
+    """Causal linear attention from state s [B, Dv, Dk]: y_t = (s + sum_{u<=t} v_u k_u^T) q_t."""
+    T = q.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = torch.einsum("btk,bsk->bts", q, k).masked_fill(~causal, 0.0)
+    y = torch.einsum("bvk,btk->btv", s, q) + torch.einsum("bts,bsv->btv", scores, v)
+    return y, s + torch.einsum("btv,btk->bvk", v, k)
+
+
+_MEMORY_ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def mlp_memory(q, ws, act: str, residual: bool):
+    """Apply per-sample MLP weights ws[i]: [B, out, in] to q: [B, ..., in]."""
+    shape = q.shape
+    h = q.reshape(shape[0], -1, shape[-1])
+    x0 = h
+    for i, w in enumerate(ws):
+        h = torch.einsum("bti,boi->bto", h, w)
+        if i < len(ws) - 1:
+            h = _MEMORY_ACTS[act](h)
+    if residual:
+        h = h + x0
+    return h.reshape(shape[:-1] + (h.shape[-1],))
+
+
+def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, loss: str):
+    """One inner step: S = momentum*S - grad(sum_t lr_t * loss(M(k_t), v_t)); W = (1-forget)*W + S.
+
+    Gradients are taken per sample (weights are per sample). Under an outer autograd pass the step
+    is differentiable (create_graph), so the memory trains end to end.
+    """
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaf = [w if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in ws]
+        err = mlp_memory(k, leaf, act, residual) - v
+        if loss == "mse":
+            per_token = err.pow(2).mean(-1)
+        elif loss == "l1":
+            per_token = err.abs().mean(-1)
+        else:
+            per_token = F.huber_loss(err, torch.zeros_like(err), reduction="none").mean(-1)
+        total = (per_token.reshape(lr.shape) * lr).sum()
+        grads = torch.autograd.grad(total, leaf, create_graph=outer and any(w.requires_grad for w in ws))
+    new_m = [momentum.reshape((-1,) + (1,) * (m.dim() - 1)) * m - g for m, g in zip(ms, grads)]
+    new_w = [(1 - forget.reshape((-1,) + (1,) * (w.dim() - 1))) * w + m for w, m in zip(ws, new_m)]
+    return new_w, new_m
+
+
+def bank_push(buf, count, v):
+    """FIFO push of v [B, ...] into buf [B, N, ...] holding count [B] entries."""
+    N = buf.shape[1]
+    full = (count >= N).reshape((-1,) + (1,) * (buf.dim() - 1))
+    shifted = torch.cat([buf[:, 1:], v.unsqueeze(1)], dim=1)
+    slot = torch.arange(N, device=buf.device)[None, :] == count.clamp(max=N - 1)[:, None]
+    slot = slot.reshape(buf.shape[:2] + (1,) * (buf.dim() - 2))
+    placed = torch.where(slot, v.unsqueeze(1).expand_as(buf), buf)
+    return torch.where(full, shifted, placed), torch.clamp(count + 1, max=N)
+
+
+def bank_valid(buf, count):
+    return torch.arange(buf.shape[1], device=buf.device)[None, :] < count[:, None]
+
+
+def route_select(score, k: int, among=None):
+    """Indices of the k highest-scoring tokens per sample (among candidates), in sequence order."""
+    s = score if among is None else score.masked_fill(~among, float("-inf"))
+    return torch.topk(s, k, dim=1).indices.sort(dim=1).values
+
+
+def route_scatter(x, idx, x_sel, y, weight=None, among=None):
+    """Write routed results back: x_sel + w * (y - x_sel) at the selected tokens; returns (x, sel)."""
+    B, k = idx.shape
+    tail = [1] * (x.dim() - 2)
+    new = y if weight is None else x_sel + torch.gather(weight, 1, idx).reshape(B, k, *tail) * (y - x_sel)
+    sel = torch.zeros(B, x.shape[1], dtype=torch.bool, device=x.device).scatter(1, idx, True)
+    if among is not None:
+        valid = torch.gather(among, 1, idx)
+        new = torch.where(valid.reshape(B, k, *tail), new, x_sel)
+        sel = sel & among
+    out = x.scatter(1, idx.reshape(B, k, *tail).expand(B, k, *x.shape[2:]), new)
+    return out, sel
+
+
+def kv_lookup(store: dict, share: str, site: str, k, v, kpos, training: bool, generator=None):
+    """K/V for an attention site under a sharing policy; records the site's own K/V for later readers."""
+    if share.startswith("recursion:"):
+        key = share + ":" + site
+        if key not in store:
+            store[key] = (k, v, kpos)
+        return store[key]
+    if share.startswith("stochastic:"):
+        _, p, src = share.split(":", 2)
+        if training and float(torch.rand((), generator=generator)) >= float(p):
+            return k, v, kpos
+    else:
+        src = share[len("from:"):]
+    if src not in store:
+        raise RuntimeError(f"attention `{site}` reads the K/V of `{src}`, which has not run before it")
+    return store[src]
+
+
+def kv_reset(store: dict, var: str):
+    """A recursion loop starting afresh forgets the K/V its previous run shared."""
+    prefix = f"recursion:{var}:"
+    for key in [key for key in store if key.startswith(prefix)]:
+        del store[key]
