@@ -55,7 +55,8 @@ def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, m
         if causal:
             allowed = allowed & (kp <= qp)[:, None]
         if window:
-            allowed = allowed & (qp - kp < window)[:, None]
+            dist = qp - kp if causal else (qp - kp).abs()
+            allowed = allowed & (dist < window)[:, None]
         if prefix:
             allowed = allowed | (torch.arange(Tk, device=q.device) < prefix)[None, None, None, :]
     if mask is not None:

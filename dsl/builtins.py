@@ -100,10 +100,8 @@ def bool_arg(al, a, what) -> bool:
     if not isinstance(v, Static) or v.kind != "bool":
         raise al.err(f"{what} must be true or false", span)
     if v.expr not in (sympy.true, sympy.false):
-        vv = v.expr.subs(al.defaults)
-        if vv not in (sympy.true, sympy.false):
-            raise al.err(f"{what} must be decidable at compile time", span)
-        return bool(vv)
+        raise al.err(f"{what} must be a literal true or false", span,
+                     hint="a layer's structure is fixed when it is declared; write two layers for two variants")
     return bool(v.expr)
 
 
@@ -298,12 +296,8 @@ def _fill(value):
         dtype = "f32"
         if "dtype" in a:
             dtype = str_arg(al, a["dtype"], "dtype", ("f32", "i64", "bool"))
-        if dtype == "bool":
-            v = bool(v)
-        elif dtype == "i64":
-            v = int(v)
-        else:
-            v = float(v)
+        if not isinstance(v, sympy.Basic):        # symbolic values stay expressions, evaluated at run time
+            v = bool(v) if dtype == "bool" else int(v) if dtype == "i64" else float(v)
         return al.b.emit1(Op.FULL, [], {"shape": shape, "value": v, "dtype": dtype}, span, name=hint)
     return h
 
@@ -319,7 +313,11 @@ def _cast(dtype):
             if dtype == "f32":
                 return Static(v.expr, "float") if v.kind != "bool" else Static(sympy.Integer(int(v.expr == sympy.true)), "float")
             if dtype == "i64" and v.kind != "bool":
-                return Static(sympy.floor(v.expr), "int")
+                if v.kind == "int":
+                    return v
+                if not v.expr.is_number:
+                    raise al.err("int() of a symbolic value is ambiguous", vspan, hint="use `//` for floor division")
+                return Static(sympy.Integer(int(float(v.expr))), "int")     # truncation, as for tensors
         x = as_tensor(al, v, vspan)
         return al.b.emit1(Op.CAST, [x], {"dtype": dtype}, span, name=hint)
     return h
@@ -342,6 +340,10 @@ def _attend(al, a, span, hint):
             raise al.err(f"an attention mask must be bool, got {m.type}", ms)
         ins.append(m)
         attrs["has_mask"] = True
+    pos = getattr(al, "_positions_hint", None)
+    if pos is not None and q.type.shape[1] == pos.type.shape[1] and k.type.shape[1] == pos.type.shape[1]:
+        ins += [pos, pos]          # inside a route: mask by the tokens' original positions
+        attrs["has_pos"] = True
     return al.b.emit1(Op.ATTEND, ins, attrs, span, name=hint)
 
 

@@ -98,7 +98,9 @@ def _static_binop(al, op: str, a: Static, b: Static, span: Span) -> Static:
     elif op == "/":
         # d / heads stays an (exact) int expression; 3 / 2 becomes a float
         r = x / y
-        kind = "int" if (kind == "int" and (r.is_Integer or not r.is_number)) else "float"
+        at = r.subs(al.defaults)
+        kind = "int" if (kind == "int" and (r.is_Integer or (not r.is_number and (not at.is_number or at.is_Integer)))) \
+            else "float"
     elif op == "//":
         r = sympy.floor(x / y)
     elif op == "%":
@@ -204,6 +206,11 @@ def _index(al, e: A.Index, scope, frame, hint):
             stop = dim if sub.stop is None else al.static(sub.stop, scope, frame, "a slice bound").expr
             start = _wrap(start, dim)
             stop = _wrap(stop, dim)
+            s0, s1, n = (sympy.sympify(v).subs(al.defaults) for v in (start, stop, dim))
+            if s0.is_number and s1.is_number and (s0 < 0 or s1 < s0 or (n.is_number and s1 > n)):
+                raise al.err(f"slice {expr_str(start)}:{expr_str(stop)} does not fit a dimension of size "
+                             f"{expr_str(dim)}" + (f" = {n}" if n.is_number and not sympy.sympify(dim).is_number else ""),
+                             sub.span, hint="slice bounds must satisfy 0 <= start <= stop <= size")
             if sub.start is None and sub.stop is None:
                 axis += 1
                 continue

@@ -162,7 +162,8 @@ def _attention(al, frame, c, a, span, hint):
         ins.extend([pos, pos])
         attrs["has_pos"] = True
     al.attention_sites.setdefault(frame.path, {"heads": heads, "kv_heads": kvh, "head_dim": hd, "span": span,
-                                               "cross": cross, "loops": dict(frame.loop_vars)})
+                                               "cross": cross, "loops": dict(frame.loop_vars),
+                                               "copies": frame.copies})
     o = al.b.emit1(Op.ATTEND, ins, attrs, span, name="attn")
     o = al.b.emit1(Op.MERGE_HEADS, [o], {}, span, name="attn")
     return _lin(al, frame, o, "o", d, as_expr(heads) * hd, span)

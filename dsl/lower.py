@@ -212,11 +212,11 @@ class ArchLowering:
     def __init__(self, lw: Lowerer, arch: A.ArchDef):
         self.lw = lw
         self.arch = arch
-        self.b = Builder()
+        self.defaults: dict[sympy.Symbol, Any] = {}     # symbol -> numeric default (for checks)
+        self.b = Builder(self.defaults)
         self.params: dict[str, Param] = {}
         self.param_order: list[str] = []
         self.symbols: list[Symbol] = []
-        self.defaults: dict[sympy.Symbol, Any] = {}     # symbol -> numeric default (for checks)
         self.dims: list[str] = []
         self.cache_decls: list[tuple[A.CacheDecl, Scope, Frame]] = []
         self.attention_sites: dict[str, dict] = {}
@@ -340,7 +340,7 @@ class ArchLowering:
         if dtype is None:
             dtype = {"int": I64, "float": F32, "bool": BOOL}[s.kind]
         if s.kind == "bool" and dtype is BOOL:
-            value: Any = bool(s.expr == sympy.true)
+            value: Any = s.expr if s.expr not in (sympy.true, sympy.false) else bool(s.expr == sympy.true)
         else:
             value = _attr_value(s.expr if s.kind != "bool" else sympy.Integer(int(s.expr == sympy.true)))
         return self.b.emit1(Op.CONST, [], {"value": value, "dtype": dtype.value}, span, name="c")

@@ -84,7 +84,7 @@ def _gate(al, a, shape, span, what) -> Value:
     """A write-strength argument: a number (broadcast) or a tensor of the given shape."""
     v, vspan = a
     if isinstance(v, Static):
-        return al.b.emit1(Op.FULL, [], {"shape": [_av(s) for s in shape], "value": float(num_arg(al, a, what)),
+        return al.b.emit1(Op.FULL, [], {"shape": [_av(s) for s in shape], "value": _float(num_arg(al, a, what)),
                                          "dtype": "f32"}, vspan, name=what)
     t = tensor_arg(al, a, what)
     if t.type.rank != len(shape) or any(dims_equal(x, y, al.defaults) is False for x, y in zip(t.type.shape, shape)):
@@ -92,6 +92,10 @@ def _gate(al, a, shape, span, what) -> Value:
         raise al.err(f"`{what}` must have shape {want}, got {t.type}", vspan,
                      hint="per-token rates are [B, T]; momentum and forget gates are per sample [B]")
     return t
+
+
+def _float(v):
+    return v if isinstance(v, sympy.Basic) else float(v)
 
 
 def _check_last(al, x, d, span):

@@ -39,6 +39,8 @@ def _sites(al, ref: PathRef) -> list[str]:
 
 def _share_kv(al, st, targets, opts, spans):
     across, src = opts.get("across"), opts.get("source")
+    if st.kind == "stochastic_share" and src is None:
+        raise al.err("stochastic_share needs `source = layer.attn`: the layer whose K/V may be read instead", st.span)
     if (across is None) == (src is None):
         raise al.err("share_kv needs exactly one of `across = \"recursion\"` or `source = layer.attn`", st.span)
     if across is not None:
@@ -56,6 +58,10 @@ def _share_kv(al, st, targets, opts, spans):
     if len(prod_sites) != 1:
         raise al.err(f"`{src.path}` names {len(prod_sites)} attention layers; name one", src.span)
     prod = al.attention_sites[prod_sites[0]]
+    if prod["copies"] is not None:
+        raise al.err(f"`{prod_sites[0]}` belongs to a layer array, so it names {expr_str(prod['copies'])} layers; "
+                     "the K/V source must be one layer", src.span,
+                     hint="share from a single (non-array) layer")
     for site in targets:
         if site == prod_sites[0]:
             raise al.err(f"`{site}` cannot share KV with itself", st.span)

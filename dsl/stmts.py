@@ -35,6 +35,11 @@ class StmtLowering:
         dims = []
         for d in t.dims:
             if isinstance(d, A.Name) and scope.lookup(d.id) is None and free_dims is not None:
+                if not d.id[0].isupper():
+                    from archc.dsl.lower import suggest
+                    raise self.err(f"unknown name `{d.id}` in a type", d.span,
+                                   hint=suggest(d.id, scope.names()) or
+                                   "new dimension names (batch, sequence) start with an upper-case letter: B, T, N")
                 dims.append(free_dims.setdefault(d.id, sym(d.id)))
                 continue
             v = self.al.static(d, scope, frame, "a dimension")
@@ -238,6 +243,10 @@ class StmtLowering:
         if v.kind != "bool":
             raise self.err("`require` needs a condition", st.cond.span)
         val = sympy.sympify(v.expr).subs(self.al.defaults)
+        if val not in (sympy.true, sympy.false):
+            names = ", ".join(sorted(s.name for s in sympy.sympify(val).free_symbols))
+            raise self.err(f"`require` cannot be decided at compile time: it depends on {names}", st.cond.span,
+                           hint="requirements are checked once, on the architecture parameters")
         if val == sympy.false:
             raise self.err(st.message or "requirement failed", st.cond.span)
 
@@ -469,6 +478,8 @@ class StmtLowering:
                                      "route mask", BOOL))
             k = T
             op = Op.ROUTE_MASK
+            # the body runs per sample on that sample's tokens: these symbols are rebound to (1, count)
+            attrs["dims"] = [d.name if isinstance(d, sympy.Symbol) else "" for d in (B, T)]
         if st.weight is not None:
             operands.append(self._bt((lower_expr(al, st.weight, scope, frame), st.weight.span), B, T, "route weight", F32))
             attrs["has_weight"] = True
@@ -539,7 +550,7 @@ class StmtLowering:
             """Per-segment results of length `size` concatenate to [B, T, ...]; others stack per segment."""
             stacked, types = [], []
             for y in ys:
-                if y.type.rank >= 2 and dims_equal(y.type.shape[1], size, al.defaults) is True:
+                if y.type.rank >= 2 and dims_equal(y.type.shape[1], size) is True:
                     stacked.append(False)
                     types.append(y.type.with_shape((y.type.shape[0], T) + y.type.shape[2:]))
                 elif y.type.rank >= 1:

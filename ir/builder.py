@@ -27,9 +27,10 @@ class Namer:
 
 
 class Builder:
-    def __init__(self):
+    def __init__(self, defaults: dict | None = None):
         self.namer = Namer()
         self._stack: list[list[Node]] = [[]]
+        self.defaults = defaults if defaults is not None else {}   # symbol -> value, for checks
 
     def value(self, hint: str, type_: TensorType) -> Value:
         return Value(self.namer.fresh(hint), type_)
@@ -45,10 +46,26 @@ class Builder:
                 out_types = rule([v.type for v in inputs], attrs)
             except ShapeError as err:
                 raise ArchError(str(err), span) from None
+            self._check_at_defaults(rule, inputs, attrs, span)
         names = names or [op.value] * len(out_types)
         outs = [self.value(n, t) for n, t in zip(names, out_types)]
         self._stack[-1].append(Node.make(op, [v.name for v in inputs], outs, attrs, regions, span))
         return outs
+
+    def _check_at_defaults(self, rule, inputs: list[Value], attrs: dict, span):
+        """Shapes that are only symbolically compatible must also agree at the default sizes."""
+        if not self.defaults:
+            return
+        at = {k: (v.subs(self.defaults) if hasattr(v, "subs") else v) for k, v in attrs.items()}
+        at = {k: (tuple(x.subs(self.defaults) if hasattr(x, "subs") else x for x in v) if isinstance(v, tuple) else v)
+              for k, v in at.items()}
+        types = [v.type.with_shape(tuple(d.subs(self.defaults) for d in v.type.shape)) for v in inputs]
+        try:
+            rule(types, at)
+        except ShapeError as err:
+            shown = ", ".join(str(v.type) for v in inputs)
+            raise ArchError(f"{err} (at the default parameter values)", span,
+                            hint=f"operand types: {shown}") from None
 
     def emit1(self, op: Op, inputs: list[Value], attrs: dict[str, Any] | None = None, span: Span | None = None,
               name: str | None = None) -> Value:

@@ -419,6 +419,7 @@ def _halt_loop(it, n, ins, vals):
     var = n.attr("var")
     carries = list(ins)
     B = carries[0].shape[0] if carries else 1
+    rt.kv_reset(it.kv_store, var)
     halted = torch.zeros(B, dtype=torch.bool)
     steps = torch.zeros(B, dtype=torch.long)
     saved = it.env.values.get(var)
@@ -465,7 +466,8 @@ def _route_mask(it, n, ins, vals):
             rows.append(x[b])
             continue
         xb = x[b:b + 1, idx]
-        it.env.values.update({"B": 1, "T": int(idx.numel())})
+        batch_dim, length_dim = n.attr("dims", ("B", "T"))
+        it.env.values.update({k: v for k, v in ((batch_dim, 1), (length_dim, int(idx.numel()))) if k})
         (y,) = it.run_region(n.regions[0], [xb, idx[None]], vals)
         new = y[0]
         if weight is not None:

@@ -132,9 +132,14 @@ def _cast(ins, attrs):
     return [ins[0].with_dtype(DType(attrs["dtype"]))]
 
 
+def _promoted(*dtypes) -> DType:
+    """f32 beats i64 beats bool (as the interpreter promotes)."""
+    return F32 if F32 in dtypes else I64 if I64 in dtypes else BOOL
+
+
 def _binary(ins, attrs):
     a, b = ins
-    dtype = F32 if F32 in (a.dtype, b.dtype) else a.dtype
+    dtype = _promoted(a.dtype, b.dtype)
     return [TensorType(dtype, broadcast_shapes(a.shape, b.shape))]
 
 
@@ -157,7 +162,7 @@ def _where(ins, attrs):
     c, a, b = ins
     if c.dtype is not BOOL:
         raise ShapeError(f"where() needs a bool condition, got {c}")
-    dtype = F32 if F32 in (a.dtype, b.dtype) else a.dtype
+    dtype = _promoted(a.dtype, b.dtype)
     return [TensorType(dtype, broadcast_shapes(c.shape, a.shape, b.shape))]
 
 
@@ -183,6 +188,10 @@ def _reduce(ins, attrs, dtype=None):
     else:
         del shape[ax]
     return [TensorType(dtype or t.dtype, tuple(shape))]
+
+
+def _reduce_float(ins, attrs):
+    return _reduce(ins, attrs, F32)
 
 
 def _argmax(ins, attrs):
@@ -429,8 +438,10 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
     D(Op.AND, Group.COMPARE, (2, 2), (), _logic, "logical and"),
     D(Op.OR, Group.COMPARE, (2, 2), (), _logic, "logical or"),
     D(Op.WHERE, Group.BINARY, (3, 3), (), _where, "select a where cond else b"),
+    *[D(o, Group.REDUCE, (1, 1), ("axis", "keepdim"), _reduce_float, f"{o.value} over one axis (as f32)",
+        required=("axis",)) for o in (Op.SUM, Op.MEAN)],
     *[D(o, Group.REDUCE, (1, 1), ("axis", "keepdim"), _reduce, f"{o.value} over one axis", required=("axis",)) for o in
-      (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)],
+      (Op.AMAX, Op.LOGSUMEXP)],
     D(Op.ARGMAX, Group.REDUCE, (1, 1), ("axis", "keepdim"), _argmax, "index of the maximum", required=("axis",)),
     D(Op.SOFTMAX, Group.REDUCE, (1, 1), ("axis",), _axis_same, "softmax over one axis", required=("axis",)),
     D(Op.CUMSUM, Group.REDUCE, (1, 1), ("axis",), _axis_same, "running sum over one axis", required=("axis",)),
@@ -480,7 +491,7 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
       required=("trips",)),
     D(Op.ROUTE_TOPK, Group.REGION, (2, 4), ("capacity", "has_among", "has_weight"), None,
       "run the region on the top-k tokens by score, scatter back (gated)", regions=1, required=("capacity",)),
-    D(Op.ROUTE_MASK, Group.REGION, (2, 3), ("has_weight",), None,
+    D(Op.ROUTE_MASK, Group.REGION, (2, 3), ("has_weight", "dims"), None,
       "run the region on each sample's masked tokens, scatter back (gated)", regions=1),
     D(Op.SCAN, Group.REGION, (1, -1), ("size", "stacked"), None,
       "run the region over consecutive segments of the first operand, carrying state", regions=1, required=("size",)),

@@ -1,7 +1,7 @@
 """The stable textual form of the IR (the golden-test format; `archc.ir.parser` reads it back).
 
     graph Name(d: int = 64, ...) dims(B, T) {
-      param @embed.weight : f32[vocab, d] init=normal(std=0.02)
+      param @embed.weight : f32[vocab, d] init=normal(std=1.0)
       policy share_kv(targets=["core.attn"], across="recursion")
       input %tokens : i64[B, T]
       %x = embedding(%tokens, %w) : f32[B, T, d]

@@ -1,0 +1,669 @@
+"""The PyTorch backend: IR -> one standalone, readable Python module (torch + stdlib only).
+
+Each architecture becomes an `nn.Module` whose constructor takes the architecture's parameters and
+whose `forward` has one statement per IR node, in program order, with the .arch file's names.
+Loops, routes and scans become Python control flow. Parameters are registered under their .arch
+paths (state_dict keys such as `core.attn.q.weight`); a shared layer is one parameter. The kernels
+that need more than one torch call come from `torch_runtime` and are copied in by source.
+"""
+from __future__ import annotations
+
+import builtins
+import inspect
+import json
+import keyword
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+import torch.nn as nn
+
+from archc.backends import torch_runtime
+from archc.backends.pyexpr import py_expr
+from archc.errors import ArchError
+from archc.ir.core import Graph, Node, Param, Region, Value
+from archc.ir.ops import Op
+from archc.ir.shapes import DType
+
+_TORCH_DTYPE = {DType.F32: "torch.float32", DType.I64: "torch.long", DType.BOOL: "torch.bool"}
+_MODULE_ATTRS = set(dir(nn.Module)) | {"training"}
+_RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
+             {"torch", "nn", "F", "math", "self", "dev", "kv", "_param", "_Scope"} |
+             {name for name, _ in inspect.getmembers(torch_runtime, inspect.isfunction)})
+
+
+@dataclass(frozen=True)
+class GeneratedCode:
+    source: str
+    class_names: tuple[str, ...]
+
+
+def _legal(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if not name or name[0].isdigit():
+        name = "v_" + name
+    return name
+
+
+class Namespace:
+    """Unique, legal Python names that never shadow keywords, builtins or the module's globals."""
+
+    def __init__(self, taken=()):
+        self.used: set[str] = set(_RESERVED) | set(taken)
+        self.map: dict[str, str] = {}
+
+    def claim(self, key: str, hint: str | None = None) -> str:
+        if key in self.map:
+            return self.map[key]
+        base = _legal(hint if hint is not None else key)
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        self.map[key] = name
+        return name
+
+
+def attr_path(path: str) -> str:
+    """`core.attn.q.weight` as an attribute chain; names nn.Module already uses get a trailing `_`."""
+    return ".".join(_segment(p) for p in path.split("."))
+
+
+def _segment(p: str) -> str:
+    return p + "_" if (p in _MODULE_ATTRS or keyword.iskeyword(p) or p.startswith("_")) else p
+
+
+def state_key(path: str) -> str:
+    return attr_path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Emitter:
+    """Emits the body of one `forward`."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.ns = Namespace()
+        self.lines: list[str] = []
+        self.inline: dict[str, str] = {}     # const value name -> literal
+        self.uses_kv = any(n.op is Op.ATTEND and n.attr("kv_share") for n in g.walk())
+        self.runtime: set[str] = set()
+        self.uses_math = False
+        for s in g.symbols:
+            self.ns.claim("sym:" + s.name, s.name)
+        for n in g.walk():
+            for a in ("var",):
+                if n.attr(a):
+                    self.ns.claim("sym:" + n.attr(a), n.attr(a))
+
+    # names -------------------------------------------------------------------------------------
+    def sym_names(self) -> dict[str, str]:
+        return {k[4:]: v for k, v in self.ns.map.items() if k.startswith("sym:")}
+
+    def v(self, name: str) -> str:
+        if name in self.inline:
+            return self.inline[name]
+        return self.ns.claim("val:" + name, name.split(".")[0])
+
+    def e(self, expr, integer: bool = False) -> str:
+        text = py_expr(expr, self.sym_names(), integer)
+        if "math." in text:
+            self.uses_math = True
+        return text
+
+    def rt(self, fn: str) -> str:
+        self.runtime.add(fn)
+        return fn
+
+    def out(self, line: str, indent: int):
+        self.lines.append("    " * indent + line)
+
+    # regions -----------------------------------------------------------------------------------
+    def region(self, r: Region, indent: int):
+        for n in r.nodes:
+            self.node(n, indent)
+
+    def node(self, n: Node, indent: int):
+        fn = _REGION_EMIT.get(n.op)
+        if fn is not None:
+            fn(self, n, indent)
+            return
+        if n.op is Op.CONST:
+            self.inline[n.out.name] = self.const_literal(n)
+            return
+        rule = EMIT.get(n.op)
+        if rule is None:
+            raise ArchError(f"op `{n.op.value}` is not supported by backend `torch`", n.span)
+        ins = [self.v(i) for i in n.inputs]
+        expr = rule(self, n, ins)
+        if len(n.outputs) == 1:
+            self.out(f"{self.v(n.out.name)} = {expr}", indent)
+        else:
+            self.out(f"{', '.join(self.v(o.name) for o in n.outputs)} = {expr}", indent)
+
+    def const_literal(self, n: Node) -> str:
+        v = n.attr("value")
+        dtype = DType(n.attr("dtype"))
+        if isinstance(v, bool):
+            return repr(v)
+        if isinstance(v, sympy.Basic):
+            text = self.e(v)
+            return f"float({text})" if dtype is DType.F32 else f"int({text})"
+        if dtype is DType.F32:
+            return repr(float(v))
+        return repr(int(v))
+
+    def assign(self, targets: list[str], sources: list[str], indent: int):
+        pairs = [(t, s) for t, s in zip(targets, sources) if t != s]
+        if pairs:
+            self.out(f"{', '.join(t for t, _ in pairs)} = {', '.join(s for _, s in pairs)}", indent)
+
+
+# -- op table: each entry renders the right-hand side of one assignment ---------------------------
+
+Rule = Callable[[_Emitter, Node, list], str]
+EMIT: dict[Op, Rule] = {}
+
+
+def rule(*ops):
+    def deco(fn):
+        for o in ops:
+            EMIT[o] = fn
+        return fn
+    return deco
+
+
+def _shape(em: _Emitter, dims) -> str:
+    items = [em.e(d, integer=True) for d in dims]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+@rule(Op.FULL)
+def _full(em, n, ins):
+    v, dtype = n.attr("value"), DType(n.attr("dtype"))
+    shape = _shape(em, n.attr("shape"))
+    if dtype is DType.F32 and float(v) == 0.0:
+        return f"torch.zeros({shape}, device=dev)"
+    return f"torch.full({shape}, {v!r}, dtype={_TORCH_DTYPE[dtype]}, device=dev)"
+
+
+EMIT[Op.ARANGE] = lambda em, n, ins: f"torch.arange({em.e(n.attr('n'), True)}, device=dev)"
+
+
+@rule(Op.PARAM)
+def _param(em, n, ins):
+    ref = "self." + attr_path(n.attr("ref"))
+    if n.attr("index") is not None:
+        return f"{ref}[{em.e(n.attr('index'), True)}]"
+    return ref
+
+
+_UNARY = {Op.EXP: "torch.exp({})", Op.LOG: "torch.log({})", Op.SQRT: "torch.sqrt({})", Op.RSQRT: "torch.rsqrt({})",
+          Op.ABS: "torch.abs({})", Op.TANH: "torch.tanh({})", Op.SIGMOID: "torch.sigmoid({})", Op.RELU: "torch.relu({})",
+          Op.GELU: "F.gelu({})", Op.SILU: "F.silu({})", Op.SOFTPLUS: "F.softplus({})", Op.NEG: "-{}", Op.NOT: "~{}",
+          Op.DETACH: "{}.detach()"}
+for _o, _f in _UNARY.items():
+    EMIT[_o] = (lambda f: lambda em, n, ins: f.format(ins[0]))(_f)
+
+EMIT[Op.CAST] = lambda em, n, ins: f"{ins[0]}.to({_TORCH_DTYPE[DType(n.attr('dtype'))]})"
+
+_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "**", Op.GT: ">", Op.LT: "<", Op.GE: ">=",
+          Op.LE: "<=", Op.EQ: "==", Op.NE: "!=", Op.AND: "&", Op.OR: "|"}
+for _o, _s in _INFIX.items():
+    EMIT[_o] = (lambda s: lambda em, n, ins: f"{ins[0]} {s} {ins[1]}")(_s)
+
+
+@rule(Op.MAXIMUM, Op.MINIMUM)
+def _minmax(em, n, ins):
+    fn = "torch.maximum" if n.op is Op.MAXIMUM else "torch.minimum"
+    return f"{fn}(torch.as_tensor({ins[0]}), torch.as_tensor({ins[1]}))"
+
+
+EMIT[Op.WHERE] = lambda em, n, ins: f"torch.where({ins[0]}, {ins[1]}, {ins[2]})"
+
+
+@rule(Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.ARGMAX)
+def _reduce(em, n, ins):
+    name = {Op.SUM: "sum", Op.MEAN: "mean", Op.AMAX: "amax", Op.LOGSUMEXP: "logsumexp", Op.ARGMAX: "argmax"}[n.op]
+    x = ins[0]
+    if n.op in (Op.SUM, Op.MEAN):
+        x = f"{x}.float()" if _input_dtype(em, n, 0) is not DType.F32 else x
+    keep = ", keepdim=True" if n.attr("keepdim") else ""
+    return f"{x}.{name}(dim={n.attr('axis')}{keep})"
+
+
+def _input_dtype(em, n, i) -> DType:
+    return em.types[n.inputs[i]].dtype
+
+
+EMIT[Op.SOFTMAX] = lambda em, n, ins: f"torch.softmax({ins[0]}, dim={n.attr('axis')})"
+EMIT[Op.CUMSUM] = lambda em, n, ins: f"torch.cumsum({ins[0]}, dim={n.attr('axis')})"
+EMIT[Op.TOPK_MASK] = lambda em, n, ins: f"{em.rt('topk_mask')}({ins[0]}, {em.e(n.attr('k'), True)}, {n.attr('axis')})"
+EMIT[Op.RMS_NORM] = lambda em, n, ins: f"{em.rt('rms_norm')}({ins[0]}, {ins[1]}, {n.attr('eps')!r})"
+EMIT[Op.LAYER_NORM] = lambda em, n, ins: (f"F.layer_norm({ins[0]}, {ins[0]}.shape[-1:], {ins[1]}, {ins[2]}, "
+                                          f"{n.attr('eps')!r})")
+EMIT[Op.L2_NORMALIZE] = lambda em, n, ins: f"F.normalize({ins[0]}, dim=-1, eps={n.attr('eps')!r})"
+EMIT[Op.LINEAR] = lambda em, n, ins: f"F.linear({', '.join(ins)})"
+EMIT[Op.MATMUL] = lambda em, n, ins: f"{ins[0]} @ {ins[1]}"
+EMIT[Op.EINSUM] = lambda em, n, ins: f"torch.einsum({json.dumps(n.attr('equation'))}, {', '.join(ins)})"
+EMIT[Op.EMBEDDING] = lambda em, n, ins: f"{ins[1]}[{ins[0]}]"
+EMIT[Op.CONV1D] = lambda em, n, ins: (f"{em.rt('conv1d')}({ins[0]}, {ins[1]}, {ins[2] if len(ins) > 2 else 'None'}, "
+                                      f"{bool(n.attr('causal'))})")
+EMIT[Op.RESHAPE] = lambda em, n, ins: f"{ins[0]}.reshape{_shape(em, n.attr('shape'))}"
+EMIT[Op.PERMUTE] = lambda em, n, ins: f"{ins[0]}.permute{tuple(n.attr('perm'))}"
+EMIT[Op.CONCAT] = lambda em, n, ins: f"torch.cat([{', '.join(ins)}], dim={n.attr('axis')})"
+EMIT[Op.UNSQUEEZE] = lambda em, n, ins: f"{ins[0]}.unsqueeze({n.attr('axis')})"
+EMIT[Op.BROADCAST] = lambda em, n, ins: f"{ins[0]}.expand{_shape(em, n.attr('shape'))}"
+EMIT[Op.SPLIT_HEADS] = lambda em, n, ins: f"{ins[0]}.unflatten(-1, ({em.e(n.attr('heads'), True)}, -1))"
+EMIT[Op.MERGE_HEADS] = lambda em, n, ins: f"{ins[0]}.flatten(-2)"
+EMIT[Op.GATHER] = lambda em, n, ins: f"{em.rt('gather_along')}({ins[0]}, {ins[1]}, {n.attr('axis')})"
+
+
+@rule(Op.SLICE)
+def _slice(em, n, ins):
+    ax = n.attr("axis")
+    start, stop = em.e(n.attr("start"), True), em.e(n.attr("stop"), True)
+    return f"{ins[0]}[{':, ' * ax}{'' if start == '0' else start}:{stop}]"
+
+
+@rule(Op.SELECT)
+def _select(em, n, ins):
+    ax = n.attr("axis")
+    idx = f"int({ins[1]})" if len(ins) > 1 else em.e(n.attr("index"), True)
+    return f"{ins[0]}[{':, ' * ax}{idx}]"
+
+
+@rule(Op.ROPE)
+def _rope(em, n, ins):
+    pos = f", {ins[1]}" if len(ins) > 1 else ""
+    return f"{em.rt('rope')}({ins[0]}, {float(n.attr('base'))!r}{pos})"
+
+
+EMIT[Op.LINEAR_SCAN] = lambda em, n, ins: f"{em.rt('linear_scan')}({', '.join(ins)}, {n.attr('axis')})"
+EMIT[Op.LINEAR_ATTN] = lambda em, n, ins: f"{em.rt('linear_attn')}({', '.join(ins)})"
+EMIT[Op.MEM_READ] = lambda em, n, ins: (f"{em.rt('mlp_memory')}({ins[0]}, [{', '.join(ins[1:])}], "
+                                        f"{json.dumps(n.attr('act'))}, {bool(n.attr('residual'))})")
+EMIT[Op.BANK_PUSH] = lambda em, n, ins: f"{em.rt('bank_push')}({', '.join(ins)})"
+EMIT[Op.BANK_VALID] = lambda em, n, ins: f"{em.rt('bank_valid')}({', '.join(ins)})"
+
+
+@rule(Op.MEM_WRITE)
+def _mem_write(em, n, ins):
+    L = int(n.attr("layers"))
+    ws, ms = ", ".join(ins[5:5 + L]), ", ".join(ins[5 + L:])
+    return (f"{em.rt('memory_write')}({', '.join(ins[:5])}, [{ws}], [{ms}], {json.dumps(n.attr('act'))}, "
+            f"{bool(n.attr('residual'))}, {json.dumps(n.attr('loss'))})")
+
+
+def _mem_write_node(em: _Emitter, n: Node, indent: int):
+    L = int(n.attr("layers"))
+    ws = ", ".join(em.v(o.name) for o in n.outputs[:L])
+    ms = ", ".join(em.v(o.name) for o in n.outputs[L:])
+    expr = _mem_write(em, n, [em.v(i) for i in n.inputs])
+    em.out(f"[{ws}], [{ms}] = {expr}", indent)
+
+
+@rule(Op.ATTEND)
+def _attend(em, n, ins):
+    q, k, v = ins[:3]
+    rest = list(ins[3:])
+    mask = rest.pop(0) if n.attr("has_mask") else None
+    qpos = kpos = None
+    if n.attr("has_pos"):
+        qpos, kpos = rest[0], rest[1]
+    args = [q, k, v]
+    if n.attr("causal"):
+        args.append("causal=True")
+    if n.attr("window"):
+        args.append(f"window={em.e(n.attr('window'), True)}")
+    if n.attr("prefix"):
+        args.append(f"prefix={em.e(n.attr('prefix'), True)}")
+    if mask:
+        args.append(f"mask={mask}")
+    if qpos:
+        args += [f"qpos={qpos}", f"kpos={kpos}"]
+    return f"{em.rt('attention')}({', '.join(args)})"
+
+
+def _attend_node(em: _Emitter, n: Node, indent: int):
+    """Attention that reads or publishes shared K/V goes through the `kv` store of this forward."""
+    if not em.uses_kv or not n.attr("site"):
+        em.out(f"{em.v(n.out.name)} = {_attend(em, n, [em.v(i) for i in n.inputs])}", indent)
+        return
+    ins = [em.v(i) for i in n.inputs]
+    site = json.dumps(n.attr("site"))
+    if n.attr("copy") is not None:
+        site = f'f"{n.attr("site")}[{{{em.e(n.attr("copy"), True)}}}]"'
+    k, v = ins[1], ins[2]
+    kpos = ins[-1] if n.attr("has_pos") else "None"
+    kp_name = em.ns.claim(f"kpos:{n.out.name}", "kpos") if n.attr("has_pos") else None
+    if n.attr("kv_share"):
+        targets = f"{k}, {v}, {kp_name or '_'}"
+        em.out(f"{targets} = {em.rt('kv_lookup')}(kv, {json.dumps(n.attr('kv_share'))}, {site}, {k}, {v}, {kpos}, "
+               f"self.training)", indent)
+    em.out(f"kv[{site}] = ({k}, {v}, {kp_name if (kp_name and n.attr('kv_share')) else kpos})", indent)
+    if kp_name and n.attr("kv_share"):
+        ins[-1] = kp_name
+    em.out(f"{em.v(n.out.name)} = {_attend(em, n, ins)}", indent)
+
+
+# -- region ops --------------------------------------------------------------------------------------
+
+
+def _loop(em: _Emitter, n: Node, indent: int):
+    r = n.regions[0]
+    args = [em.v(a.name) for a in r.args]
+    em.assign(args, [em.v(i) for i in n.inputs], indent)
+    var = em.sym_names()[n.attr("var")]
+    trips = em.e(n.attr("trips"), True)
+    if em.uses_kv:
+        em.out(f"{em.rt('kv_reset')}(kv, {json.dumps(n.attr('var'))})", indent)
+    em.out(f"for {var} in range({trips}):", indent)
+    body = indent + 1
+    if n.attr("grad_last") is not None:
+        em.out(f"with torch.set_grad_enabled(grad and {var} >= {trips} - {em.e(n.attr('grad_last'), True)}):", body)
+        em.grad_flag = True
+        body += 1
+    em.region(r, body)
+    em.assign(args, [em.v(x) for x in r.results], body)
+    if len(em.lines[-1].strip()) == 0 or em.lines[-1].rstrip().endswith(":"):
+        em.out("pass", body)
+    em.assign([em.v(o.name) for o in n.outputs], args, indent)
+
+
+def _halt_loop(em: _Emitter, n: Node, indent: int):
+    r = n.regions[0]
+    args = [em.v(a.name) for a in r.args]
+    em.assign(args, [em.v(i) for i in n.inputs], indent)
+    var = em.sym_names()[n.attr("var")]
+    halted = em.ns.claim(f"halted:{n.outputs[-1].name}", "halted")
+    steps = em.v(n.outputs[-1].name)
+    batch = args[0] if args else "None"
+    em.out(f"{halted} = torch.zeros({batch}.shape[0], dtype=torch.bool, device=dev)", indent)
+    em.out(f"{steps} = torch.zeros({batch}.shape[0], dtype=torch.long, device=dev)", indent)
+    em.out(f"for {var} in range({em.e(n.attr('trips'), True)}):", indent)
+    em.region(r, indent + 1)
+    halt, new = r.results[0], [em.v(x) for x in r.results[1:]]
+    for a, x, t in zip(args, new, r.args):
+        keep = f"{halted}.reshape(-1{', 1' * (t.type.rank - 1)})" if t.type.rank > 1 else halted
+        em.out(f"{a} = torch.where({keep}, {a}, {x})  # halted samples keep their state", indent + 1)
+    em.out(f"{steps} = torch.where({halted}, {steps}, torch.full_like({steps}, {var} + 1))", indent + 1)
+    em.out(f"{halted} = {halted} | {em.v(halt)}", indent + 1)
+    em.out(f"if bool({halted}.all()):", indent + 1)
+    em.out("break", indent + 2)
+    em.assign([em.v(o.name) for o in n.outputs[:-1]], args, indent)
+
+
+def _route_topk(em: _Emitter, n: Node, indent: int):
+    r = n.regions[0]
+    ins = [em.v(i) for i in n.inputs]
+    x, score = ins[0], ins[1]
+    rest = ins[2:]
+    among = rest.pop(0) if n.attr("has_among") else "None"
+    weight = rest.pop(0) if n.attr("has_weight") else "None"
+    xs, pos = (em.v(a.name) for a in r.args)
+    k = em.ns.claim(f"k:{n.out.name}", "k")
+    em.out(f"{k} = max(1, math.floor({em.e(n.attr('capacity'))} * {x}.shape[1] + 1e-9))", indent)
+    em.uses_math = True
+    em.out(f"{pos} = {em.rt('route_select')}({score}, {k}{'' if among == 'None' else ', ' + among})", indent)
+    em.out(f"{xs} = {em.rt('gather_along')}({x}, {pos}, 1)", indent)
+    em.region(r, indent)
+    y = em.v(r.results[0])
+    out, sel = (em.v(o.name) for o in n.outputs)
+    em.out(f"{out}, {sel} = {em.rt('route_scatter')}({x}, {pos}, {xs}, {y}, {weight}, {among})", indent)
+
+
+def _route_mask(em: _Emitter, n: Node, indent: int):
+    r = n.regions[0]
+    ins = [em.v(i) for i in n.inputs]
+    x, mask = ins[0], ins[1]
+    weight = ins[2] if n.attr("has_weight") else None
+    xs, pos = (em.v(a.name) for a in r.args)
+    out = em.v(n.out.name)
+    rows = em.ns.claim(f"rows:{n.out.name}", "rows")
+    b = em.ns.claim(f"b:{n.out.name}", "b")
+    names = em.sym_names()
+    dims = [names[s] for s in ("B", "T") if s in names]
+    saved = [em.ns.claim(f"saved:{d}:{n.out.name}", d + "_outer") for d in dims]
+    em.assign(saved, dims, indent)
+    em.out(f"{rows} = []", indent)
+    em.out(f"for {b} in range({x}.shape[0]):  # each sample runs the body on its own selected tokens", indent)
+    em.out(f"{pos} = {mask}[{b}].nonzero().flatten()", indent + 1)
+    em.out(f"if {pos}.numel() == 0:", indent + 1)
+    em.out(f"{rows}.append({x}[{b}])", indent + 2)
+    em.out("continue", indent + 2)
+    em.out(f"{xs} = {x}[{b}:{b} + 1, {pos}]", indent + 1)
+    if dims:
+        em.assign(dims, ["1", f"{pos}.numel()"][:len(dims)] if dims == [names.get("B"), names.get("T")]
+                  else [("1" if d == names.get("B") else f"{pos}.numel()") for d in dims], indent + 1)
+    em.out(f"{pos} = {pos}[None]", indent + 1)
+    em.region(r, indent + 1)
+    y = em.v(r.results[0])
+    new = f"{y}[0]"
+    if weight:
+        em.out(f"{y} = {xs} + {weight}[{b}, {pos}[0]].reshape(1, -1{', 1' * (r.args[0].type.rank - 2)}) * ({y} - {xs})",
+               indent + 1)
+    em.out(f"{rows}.append({x}[{b}].index_copy(0, {pos}[0], {new}))", indent + 1)
+    em.assign(dims, saved, indent)
+    em.out(f"{out} = torch.stack({rows})", indent)
+
+
+def _scan(em: _Emitter, n: Node, indent: int):
+    r = n.regions[0]
+    ins = [em.v(i) for i in n.inputs]
+    x, init = ins[0], ins[1:]
+    seg, args = em.v(r.args[0].name), [em.v(a.name) for a in r.args[1:]]
+    size = em.e(n.attr("size"), True)
+    stacked = list(n.attr("stacked", ()))
+    nc = len(args)
+    outs = [em.v(o.name) for o in n.outputs]
+    parts = [em.ns.claim(f"parts:{o}", o + "_parts") for o in outs[nc:]]
+    em.out(f"if {x}.shape[1] % {size}:", indent)
+    em.out(f'raise ValueError(f"sequence length {{{x}.shape[1]}} is not a multiple of the segment length {{{size}}}")',
+           indent + 1)
+    em.assign(args, init, indent)
+    for p in parts:
+        em.out(f"{p} = []", indent)
+    em.out(f"for {seg} in {x}.split({size}, dim=1):", indent)
+    em.region(r, indent + 1)
+    em.assign(args, [em.v(y) for y in r.results[:nc]], indent + 1)
+    for p, y in zip(parts, r.results[nc:]):
+        em.out(f"{p}.append({em.v(y)})", indent + 1)
+    em.assign(outs[:nc], args, indent)
+    for o, p, st in zip(outs[nc:], parts, stacked):
+        em.out(f"{o} = torch.{'stack' if st else 'cat'}({p}, dim=1)", indent)
+
+
+_REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
+                Op.SCAN: _scan, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node}
+
+
+# -- the module ----------------------------------------------------------------------------------------
+
+_INIT = {
+    "normal": lambda a: f"nn.init.normal_({{p}}, std={a['std']})",
+    "trunc_normal": lambda a: f"nn.init.trunc_normal_({{p}}, std={a['std']}, a=-2 * {a['std']}, b=2 * {a['std']})",
+    "zeros": lambda a: "nn.init.zeros_({p})",
+    "ones": lambda a: "nn.init.ones_({p})",
+    "const": lambda a: f"nn.init.constant_({{p}}, {a['value']})",
+    "uniform": lambda a: f"nn.init.uniform_({{p}}, -{a['bound']}, {a['bound']})",
+    "xavier": lambda a: "nn.init.xavier_uniform_({p})",
+}
+
+_HELPERS = '''
+
+class _Scope(nn.Module):
+    """A namespace of parameters: mirrors one layer path of the .arch file."""
+
+
+def _param(root, path, shape):
+    """Register an uninitialised parameter at a dotted path such as `core.attn.q.weight`."""
+    *scopes, leaf = path.split(".")
+    for name in scopes:
+        if name not in root._modules:
+            root.add_module(name, _Scope())
+        root = root._modules[name]
+    root.register_parameter(leaf, nn.Parameter(torch.empty(shape)))
+'''
+
+
+def _class(g: Graph, em: _Emitter) -> list[str]:
+    syms = [s for s in g.symbols if s.kind != "dim"]
+    names = em.sym_names()
+    sig, derived = [], []
+    for s in syms:
+        d = s.default
+        if isinstance(d, sympy.Basic) and not d.is_number:
+            sig.append(f"{names[s.name]}=None")
+            derived.append(f"        if {names[s.name]} is None:")
+            derived.append(f"            {names[s.name]} = {em.e(d, integer=s.kind == 'int')}")
+        else:
+            sig.append(f"{names[s.name]}={_py_default(d, s.kind)}")
+    title = (g.doc.splitlines() or [g.name])[0]
+    lines = [f"class {g.name}(nn.Module):",
+             f'    """{_docstr(title)}',
+             "",
+             f"    Generated by archc from {_docstr(g.source_file or '<string>')} (architecture {g.name}).",
+             '    """',
+             "",
+             f"    def __init__(self, {', '.join(sig)}):",
+             "        super().__init__()"]
+    lines += derived
+    for s in syms:
+        lines.append(f"        self.{names[s.name]} = {names[s.name]}")
+    for p in g.params:
+        lines.append(f"        _param(self, {json.dumps(state_key(p.name))}, {_shape(em, p.type.shape)})")
+    lines.append("        self.reset_parameters()")
+    lines.append("")
+    lines.append("    def reset_parameters(self):")
+    used = _used_syms([p for p in g.params], em)
+    lines += _unpack(used, names, 8)
+    lines.append("        with torch.no_grad():")
+    for p in g.params:
+        args = {k: em.e(v) for k, v in p.init_args}
+        init = _INIT[p.init](args)
+        lines.append("            " + init.format(p="self." + attr_path(p.name)))
+    return lines
+
+
+def _used_syms(params: list[Param], em: _Emitter) -> list[str]:
+    free = set()
+    for p in params:
+        for _, v in p.init_args:
+            if isinstance(v, sympy.Basic):
+                free |= {s.name for s in v.free_symbols}
+    return sorted(free)
+
+
+def _unpack(syms: list[str], names: dict[str, str], indent: int) -> list[str]:
+    if not syms:
+        return []
+    pad = " " * indent
+    local = [names[s] for s in syms]
+    return [f"{pad}{', '.join(local)} = {', '.join('self.' + x for x in local)}"]
+
+
+def _py_default(d, kind):
+    if isinstance(d, sympy.Basic):
+        d = float(d) if kind == "float" else int(d)
+    if kind == "bool":
+        return repr(bool(d))
+    if kind == "float":
+        return repr(float(d))
+    return repr(int(d))
+
+
+def _docstr(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
+def _forward(g: Graph, em: _Emitter) -> list[str]:
+    em.types = {}
+    for a in g.body.args:
+        em.types[a.name] = a.type
+    for n in g.walk():
+        for o in n.outputs:
+            em.types[o.name] = o.type
+        for r in n.regions:
+            for a in r.args:
+                em.types[a.name] = a.type
+    inputs = [em.v(a.name) for a in g.inputs]
+    em.grad_flag = False
+    body_start = len(em.lines)
+    em.region(g.body, 2)
+    body = em.lines[body_start:]
+    del em.lines[body_start:]
+    names = em.sym_names()
+    head = [f"    def forward(self, {', '.join(inputs)}):"]
+    params = [s.name for s in g.symbols if s.kind != "dim" and _mentions(body, names[s.name])]
+    head += _unpack(params, names, 8)
+    bound: set[str] = set()
+    for a in g.inputs:
+        for i, d in enumerate(a.type.shape):
+            if isinstance(d, sympy.Symbol) and d.name not in bound and d.name in names and _mentions(body, names[d.name]):
+                head.append(f"        {names[d.name]} = {em.v(a.name)}.shape[{i}]")
+                bound.add(d.name)
+    if inputs:
+        head.append(f"        dev = {inputs[0]}.device")
+    if em.uses_kv:
+        head.append("        kv = {}  # K/V published by attention sites, read by the layers that share them")
+    if em.grad_flag:
+        head.append("        grad = torch.is_grad_enabled()")
+    outs = [em.v(r) for r in g.body.results]
+    if len(outs) == 1:
+        tail = [f"        return {outs[0]}"]
+    else:
+        items = ", ".join(f"{json.dumps(name)}: {v}" for name, v in zip(g.output_names, outs))
+        tail = [f"        return {{{items}}}"]
+    return head + body + tail
+
+
+def _mentions(lines: list[str], name: str) -> bool:
+    pat = re.compile(rf"(?<![\w.]){re.escape(name)}(?!\w)")
+    return any(pat.search(line) for line in lines)
+
+
+def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> GeneratedCode:
+    """One standalone module for every architecture in `graphs` (deterministic text)."""
+    classes: list[list[str]] = []
+    runtime: set[str] = set()
+    uses_math = False
+    for g in graphs:
+        em = _Emitter(g)
+        fwd = _forward(g, em)
+        cls = _class(g, em) + [""] + fwd
+        runtime |= em.runtime
+        uses_math |= em.uses_math or any("math." in line for line in cls)
+        classes.append(cls)
+    doc = doc or (graphs[0].doc if graphs else "")
+    src = source_file or (graphs[0].source_file if graphs else "")
+    out = ['"""' + _docstr(f"Generated by archc from {src or '<string>'}. Do not edit: edit the .arch file."),
+           ""]
+    out += [_docstr(line) for line in doc.splitlines()]
+    out += ['"""']
+    imports = []
+    if uses_math or runtime & {"attention"}:
+        imports.append("import math")
+    out += imports + ["", "import torch", "import torch.nn as nn", "import torch.nn.functional as F", ""]
+    for fn in sorted(runtime, key=_runtime_order):
+        out += ["", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
+        if fn == "mlp_memory" or fn == "memory_write":
+            pass
+    if runtime & {"mlp_memory", "memory_write"}:
+        out += ["", "", inspect.getsource(torch_runtime).split("_MEMORY_ACTS = ", 1)[1].split("\n", 1)[0]
+                .join(["_MEMORY_ACTS = ", ""])]
+    out += _HELPERS.rstrip().splitlines()
+    for cls in classes:
+        out += ["", ""] + cls
+    text = "\n".join(out) + "\n"
+    return GeneratedCode(text, tuple(g.name for g in graphs))
+
+
+def _runtime_order(fn: str) -> int:
+    names = [name for name, _ in inspect.getmembers(torch_runtime, inspect.isfunction)]
+    order = [n for n in torch_runtime.__dict__ if n in names]
+    return order.index(fn)
