@@ -53,3 +53,69 @@ def load_ir(path_or_source: str | Path, arch: str | None = None) -> Graph:
             return g
     from archc.errors import ArchError
     raise ArchError(f"no architecture named `{arch}`; this file defines {', '.join(g.name for g in graphs)}")
+
+
+# -- backends ------------------------------------------------------------------------------------
+
+import hashlib as _hashlib
+import linecache as _linecache
+import types as _types
+from dataclasses import dataclass as _dataclass
+
+_MODULE_CACHE: dict[str, _types.ModuleType] = {}
+
+
+@_dataclass(frozen=True)
+class Compiled:
+    """What `archc.compile` returns: the generated source and the IR it came from."""
+
+    source: str
+    graphs: tuple[Graph, ...]
+    target: str
+
+
+def compile(path_or_source: str | Path, target: str = "torch") -> Compiled:  # noqa: A001 - the API's name
+    """Check a .arch file and generate code for `target` (currently "torch")."""
+    if target != "torch":
+        from archc.errors import ArchError
+        raise ArchError(f"unknown target {target!r}; available: torch")
+    from archc.backends.torch import generate
+    graphs = check(path_or_source)
+    src, name = _read(path_or_source)
+    gen = generate(graphs, source_file=name if name != "<string>" else "")
+    return Compiled(gen.source, tuple(graphs), target)
+
+
+def load_module(path_or_source: str | Path) -> _types.ModuleType:
+    """The generated PyTorch module for a source, compiled in memory, cached on its content hash."""
+    src, name = _read(path_or_source)
+    raw = src if isinstance(src, bytes) else src.encode()
+    key = _hashlib.sha256(raw + name.encode()).hexdigest()[:16]
+    if key not in _MODULE_CACHE:
+        code = compile(path_or_source).source
+        filename = f"<archc:{Path(name).name}:{key}>"
+        mod = _types.ModuleType(f"archc_generated_{key}")
+        mod.__file__ = filename
+        # register the source so tracebacks and inspect show the generated lines
+        _linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        exec(__builtins__["compile"](code, filename, "exec") if isinstance(__builtins__, dict)
+             else __import__("builtins").compile(code, filename, "exec"), mod.__dict__)
+        _MODULE_CACHE[key] = mod
+    return _MODULE_CACHE[key]
+
+
+def load(path_or_source: str | Path, arch: str | None = None, **overrides):
+    """The generated nn.Module class of one architecture; with overrides, an instance."""
+    mod = load_module(path_or_source)
+    graphs = [g for g in check(path_or_source)] if arch is None else None
+    names = [g.name for g in graphs] if graphs is not None else [arch]
+    if arch is None:
+        if len(names) > 1:
+            from archc.errors import ArchError
+            raise ArchError(f"this file defines {len(names)} architectures ({', '.join(names)}); pass arch=...")
+        arch = names[0]
+    cls = getattr(mod, arch, None)
+    if cls is None:
+        from archc.errors import ArchError
+        raise ArchError(f"no architecture named `{arch}`")
+    return cls(**overrides) if overrides else cls

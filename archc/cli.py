@@ -128,6 +128,24 @@ def graph(file, output, arch):
         click.echo(f"wrote {svg}")
 
 
+@main.command(name="compile")
+@click.argument("file")
+@click.option("--target", type=click.Choice(["torch"]), default="torch", show_default=True,
+              help="What to generate.")
+@click.option("-o", "--output", help="Where to write the result (default: standard output).")
+@_diagnostics
+def compile_cmd(file, target, output):
+    """Compile FILE to a standalone module for TARGET."""
+    from archc.api import compile as compile_source
+    _read(file)
+    code = compile_source(file, target=target).source
+    if output:
+        Path(output).write_text(code)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(code, nl=False)
+
+
 @main.command()
 @click.argument("file")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Bind a symbol (T=4096, B=1, n_r=3).")

@@ -91,6 +91,11 @@ class _Emitter:
         self.lines: list[str] = []
         self.inline: dict[str, str] = {}     # const value name -> literal
         self.uses_kv = any(n.op is Op.ATTEND and n.attr("kv_share") for n in g.walk())
+        self.read: set[str] = set(g.body.results)      # every value some node or region reads
+        for n in g.walk():
+            self.read.update(n.inputs)
+            for r in n.regions:
+                self.read.update(r.results)
         self.runtime: set[str] = set()
         self.uses_math = False
         for s in g.symbols:
@@ -135,6 +140,9 @@ class _Emitter:
         if n.op is Op.CONST:
             self.inline[n.out.name] = self.const_literal(n)
             return
+        if n.op is Op.PARAM:             # parameters read in place: self.core.attn.q.weight
+            self.inline[n.out.name] = _param(self, n, [])
+            return
         rule = EMIT.get(n.op)
         if rule is None:
             raise ArchError(f"op `{n.op.value}` is not supported by backend `torch`", n.span)
@@ -159,6 +167,13 @@ class _Emitter:
 
     def assign(self, targets: list[str], sources: list[str], indent: int):
         pairs = [(t, s) for t, s in zip(targets, sources) if t != s]
+        if pairs:
+            self.out(f"{', '.join(t for t, _ in pairs)} = {', '.join(s for _, s in pairs)}", indent)
+
+    def assign_results(self, outputs: list[Value], sources: list[str], indent: int):
+        """Bind a region op's results, skipping those nothing reads."""
+        pairs = [(self.v(o.name), s) for o, s in zip(outputs, sources) if o.name in self.read]
+        pairs = [(t, s) for t, s in pairs if t != s]
         if pairs:
             self.out(f"{', '.join(t for t, _ in pairs)} = {', '.join(s for _, s in pairs)}", indent)
 
@@ -372,7 +387,7 @@ def _loop(em: _Emitter, n: Node, indent: int):
     em.assign(args, [em.v(x) for x in r.results], body)
     if len(em.lines[-1].strip()) == 0 or em.lines[-1].rstrip().endswith(":"):
         em.out("pass", body)
-    em.assign([em.v(o.name) for o in n.outputs], args, indent)
+    em.assign_results(list(n.outputs), args, indent)
 
 
 def _halt_loop(em: _Emitter, n: Node, indent: int):
@@ -395,7 +410,7 @@ def _halt_loop(em: _Emitter, n: Node, indent: int):
     em.out(f"{halted} = {halted} | {em.v(halt)}", indent + 1)
     em.out(f"if bool({halted}.all()):", indent + 1)
     em.out("break", indent + 2)
-    em.assign([em.v(o.name) for o in n.outputs[:-1]], args, indent)
+    em.assign_results(list(n.outputs[:-1]), args, indent)
 
 
 def _route_topk(em: _Emitter, n: Node, indent: int):
@@ -473,7 +488,7 @@ def _scan(em: _Emitter, n: Node, indent: int):
     em.assign(args, [em.v(y) for y in r.results[:nc]], indent + 1)
     for p, y in zip(parts, r.results[nc:]):
         em.out(f"{p}.append({em.v(y)})", indent + 1)
-    em.assign(outs[:nc], args, indent)
+    em.assign_results(list(n.outputs[:nc]), args, indent)
     for o, p, st in zip(outs[nc:], parts, stacked):
         em.out(f"{o} = torch.{'stack' if st else 'cat'}({p}, dim=1)", indent)
 
@@ -607,7 +622,7 @@ def _forward(g: Graph, em: _Emitter) -> list[str]:
             if isinstance(d, sympy.Symbol) and d.name not in bound and d.name in names and _mentions(body, names[d.name]):
                 head.append(f"        {names[d.name]} = {em.v(a.name)}.shape[{i}]")
                 bound.add(d.name)
-    if inputs:
+    if inputs and _mentions(body, "dev"):
         head.append(f"        dev = {inputs[0]}.device")
     if em.uses_kv:
         head.append("        kv = {}  # K/V published by attention sites, read by the layers that share them")
@@ -645,18 +660,15 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
            ""]
     out += [_docstr(line) for line in doc.splitlines()]
     out += ['"""']
-    imports = []
     if uses_math or runtime & {"attention"}:
-        imports.append("import math")
-    out += imports + ["", "import torch", "import torch.nn as nn", "import torch.nn.functional as F", ""]
-    for fn in sorted(runtime, key=_runtime_order):
-        out += ["", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
-        if fn == "mlp_memory" or fn == "memory_write":
-            pass
+        out += ["import math", ""]
+    out += ["import torch", "import torch.nn.functional as F", "from torch import nn"]
     if runtime & {"mlp_memory", "memory_write"}:
-        out += ["", "", inspect.getsource(torch_runtime).split("_MEMORY_ACTS = ", 1)[1].split("\n", 1)[0]
-                .join(["_MEMORY_ACTS = ", ""])]
-    out += _HELPERS.rstrip().splitlines()
+        runtime.add("mlp_memory")
+        out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
+    for fn in sorted(runtime, key=_runtime_order):
+        out += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
+    out += [""] + _HELPERS.rstrip().splitlines()
     for cls in classes:
         out += ["", ""] + cls
     text = "\n".join(out) + "\n"

@@ -19,7 +19,7 @@ def rms_norm(x, w, eps: float):
 
 def rope(x, base: float, pos=None):
     """Rotary embedding (half-split) on [B, T, H, D]; positions default to 0..T-1."""
-    B, T, H, D = x.shape
+    B, T, _, D = x.shape
     if D % 2:
         raise ValueError(f"rope needs an even head size, got {D}")
     if pos is None:
@@ -123,15 +123,19 @@ def mlp_memory(q, ws, act: str, residual: bool):
     return h.reshape(shape[:-1] + (h.shape[-1],))
 
 
+@torch.compiler.disable
 def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, loss: str):
     """One inner step: S = momentum*S - grad(sum_t lr_t * loss(M(k_t), v_t)); W = (1-forget)*W + S.
 
     Gradients are taken per sample (weights are per sample). Under an outer autograd pass the step
-    is differentiable (create_graph), so the memory trains end to end.
+    is differentiable (create_graph), so the memory trains end to end. torch.compile runs this
+    step eagerly (an autograd.grad inside a compiled graph is not supported by AOTAutograd).
     """
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaf = [w if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in ws]
+        # a fresh node per weight: the inner gradient is d loss / d W with k and v held fixed, even
+        # when k and v were themselves computed from this memory (clone keeps the outer graph)
+        leaf = [w.clone() if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in ws]
         err = mlp_memory(k, leaf, act, residual) - v
         if loss == "mse":
             per_token = err.pow(2).mean(-1)

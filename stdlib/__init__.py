@@ -28,3 +28,16 @@ def graphs(name: str) -> list[Graph]:
     """The checked IR of every architecture in a stdlib file."""
     from archc.api import check
     return check(path(name))
+
+
+def load(name: str, arch: str | None = None, **overrides):
+    """A stdlib model's generated nn.Module class, or an instance when parameters are given.
+
+    `archc.stdlib.load("mor", d=128)` -> an MoR module with d = 128 (files with several
+    architectures take `arch=`; the first one is used when it is omitted).
+    """
+    from archc.api import load as load_arch
+    from archc.api import lower
+    if arch is None:
+        arch = lower(path(name))[0].name
+    return load_arch(path(name), arch=arch, **overrides)

@@ -218,3 +218,19 @@ arch Hk(d: int = 8) {
     x = torch.randn(1, 4, 8)
     first, again = m(x=x)["y"], m(x=x)["y"]       # a second forward must not reuse the first's K/V
     assert torch.allclose(first, again)
+
+
+def test_memory_write_gradient_holds_keys_fixed():
+    """The inner step differentiates the memory loss in W only, even when k = f(M(q))."""
+    from archc.backends.torch_runtime import memory_write, mlp_memory
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 4, requires_grad=True)
+    ws = [w0.expand(2, 4, 4)]
+    q = torch.randn(2, 3, 4)
+    k = mlp_memory(q, ws, "gelu", False)             # keys read from the same memory
+    v = torch.randn(2, 3, 4)
+    lr, z = torch.full((2, 3), 0.1), torch.zeros(2)
+    with_graph, _ = memory_write(k, v, lr, z, z, ws, [torch.zeros(2, 4, 4)], "gelu", False, "mse")
+    with torch.no_grad():
+        no_graph, _ = memory_write(k, v, lr, z, z, ws, [torch.zeros(2, 4, 4)], "gelu", False, "mse")
+    torch.testing.assert_close(with_graph[0], no_graph[0])
