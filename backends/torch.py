@@ -85,8 +85,10 @@ def state_key(path: str) -> str:
 class _Emitter:
     """Emits the body of one `forward`."""
 
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, cached: bool = False):
         self.g = g
+        self.cached = cached              # emit the K/V-cached incremental step instead of forward
+        self.loops: list[tuple[str, str]] = []   # enclosing loops: (IR loop variable, Python name)
         self.ns = Namespace()
         self.lines: list[str] = []
         self.inline: dict[str, str] = {}     # const value name -> literal
@@ -133,7 +135,7 @@ class _Emitter:
             self.node(n, indent)
 
     def node(self, n: Node, indent: int):
-        fn = _REGION_EMIT.get(n.op)
+        fn = (_CACHED_EMIT.get(n.op) if self.cached else None) or _REGION_EMIT.get(n.op)
         if fn is not None:
             fn(self, n, indent)
             return
@@ -378,6 +380,7 @@ def _loop(em: _Emitter, n: Node, indent: int):
     if em.uses_kv:
         em.out(f"{em.rt('kv_reset')}(kv, {json.dumps(n.attr('var'))})", indent)
     em.out(f"for {var} in range({trips}):", indent)
+    em.loops.append((n.attr("var"), var))
     body = indent + 1
     if n.attr("grad_last") is not None:
         em.out(f"with torch.set_grad_enabled(grad and {var} >= {trips} - {em.e(n.attr('grad_last'), True)}):", body)
@@ -385,6 +388,7 @@ def _loop(em: _Emitter, n: Node, indent: int):
         body += 1
     em.region(r, body)
     em.assign(args, [em.v(x) for x in r.results], body)
+    em.loops.pop()
     if len(em.lines[-1].strip()) == 0 or em.lines[-1].rstrip().endswith(":"):
         em.out("pass", body)
     em.assign_results(list(n.outputs), args, indent)
@@ -492,6 +496,47 @@ def _scan(em: _Emitter, n: Node, indent: int):
     for o, p, st in zip(outs[nc:], parts, stacked):
         em.out(f"{o} = torch.{'stack' if st else 'cat'}({p}, dim=1)", indent)
 
+
+# -- the K/V-cached incremental step (prefill and decode) --------------------------------------------
+
+
+def _cached_rope(em: _Emitter, n: Node, indent: int):
+    ins = [em.v(i) for i in n.inputs] + ["positions"]
+    em.out(f"{em.v(n.out.name)} = {em.rt('rope')}({ins[0]}, {float(n.attr('base'))!r}, positions)", indent)
+
+
+def _site_key(em: _Emitter, n: Node, skip_var: str | None = None) -> str:
+    """An f-string naming this attention instance: site, copy and every enclosing loop step."""
+    site = n.attr("site") or n.out.name
+    text = site
+    if n.attr("copy") is not None:
+        text += f"[{{{em.e(n.attr('copy'), True)}}}]"
+    steps = [f"{ir}={{{py}}}" for ir, py in em.loops if ir != skip_var]
+    if steps:
+        text += "@" + ",".join(steps)
+    return 'f"' + text + '"' if "{" in text else json.dumps(text)
+
+
+def _cached_attend(em: _Emitter, n: Node, indent: int):
+    q, k, v = (em.v(i) for i in n.inputs[:3])
+    share = n.attr("kv_share") or ""
+    window = em.e(n.attr("window"), True) if n.attr("window") else "0"
+    site = json.dumps(n.attr("site") or n.out.name)
+    reads = "None"
+    key = _site_key(em, n)
+    if share.startswith("recursion:"):
+        var = share.split(":", 1)[1]
+        py = dict(em.loops)[var]
+        key = _site_key(em, n, skip_var=var)
+        reads = f"None if {py} == 0 else {key}"          # the first recursion's K/V serve the others
+    elif share:
+        src = share.split(":")[-1]
+        reads = json.dumps(src)                            # cross-layer: read the producer's entry
+    em.out(f"{em.v(n.out.name)} = cache.attend({key}, {site}, {q}, {k}, {v}, positions, {window}, reads={reads})",
+           indent)
+
+
+_CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend}
 
 _REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
                 Op.SCAN: _scan, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node}
@@ -642,6 +687,86 @@ def _mentions(lines: list[str], name: str) -> bool:
     return any(pat.search(line) for line in lines)
 
 
+def _decode_methods(g: Graph, runtime: set[str]) -> list[str]:
+    """prefill/decode for language-model-shaped graphs: K/V-cached when exact, else recompute."""
+    from archc.ir.analysis import kv_decode_blocker, lm_token_input
+    tok = lm_token_input(g)
+    if tok is None:
+        return []
+    blocker = kv_decode_blocker(g)
+    if blocker is not None:
+        runtime.add("TokenCache")
+        T = tok.type.shape[1]
+        outs = [(name, r) for name, r in zip(g.output_names, g.body.results)]
+        types = {o.name: o.type for n in g.walk() for o in n.outputs}
+        sliced = [types[r].rank >= 2 and types[r].shape[1] == T for _, r in outs]
+        if len(outs) == 1:
+            ret = "out[:, -n:]" if sliced[0] else "out"
+        else:
+            ret = "{" + ", ".join(f"{json.dumps(name)}: out[{json.dumps(name)}]" + ("[:, -n:]" if s else "")
+                                  for (name, _), s in zip(outs, sliced)) + "}"
+        return [
+            "",
+            "    def prefill(self, tokens):",
+            '        """Run a prompt; returns (outputs, cache). This model recomputes on decode: ' + _docstr(blocker) + '."""',
+            "        cache = TokenCache()",
+            "        return self(cache.extend(tokens)), cache",
+            "",
+            "    def decode(self, tokens, cache):",
+            '        """Outputs for the next tokens [B, n] after `prefill` (exact: the history is recomputed)."""',
+            "        n = tokens.shape[1]",
+            "        out = self(cache.extend(tokens))",
+            f"        return {ret}, cache",
+        ]
+    runtime |= {"KVCache", "attention"}
+    em = _Emitter(g, cached=True)
+    em.uses_kv = False
+    step = _forward(g, em)
+    runtime |= em.runtime
+    step[0] = step[0].replace("def forward(self, ", "def _step(self, ").replace("):", ", cache):")
+    tok_name = step[0].split("(self, ")[1].split(",")[0]
+    pre = [f"        positions = cache.length + torch.arange({tok_name}.shape[1], device={tok_name}.device)"
+           f"[None].expand({tok_name}.shape[0], -1)"]
+    body_end = max(i for i, line in enumerate(step) if line.startswith("        return "))
+    step = step[:1] + pre + step[1:body_end] + [f"        cache.length += {tok_name}.shape[1]"] + step[body_end:]
+    self_names = {s.name: "self." + em.sym_names()[s.name] for s in g.symbols if s.kind != "dim"}
+    policies = {t: (p.kind, {k: (_PyExpr(py_expr(v, self_names)) if isinstance(v, sympy.Basic) else v)
+                             for k, v in p.args})
+                for p in g.policies if p.kind in ("prune_key_channels", "topk_decode") for t in p.targets}
+    return [
+        "",
+        "    def prefill(self, tokens):",
+        '        """Run a prompt; returns (outputs, cache). The cache holds per-site K/V shaped by the policies."""',
+        f"        cache = KVCache({_py_literal(policies)})",
+        "        out = self._step(tokens, cache)",
+        "        cache.compress()",
+        "        return out, cache",
+        "",
+        "    def decode(self, tokens, cache):",
+        '        """Outputs for the next tokens [B, n] after `prefill`, reading and extending the cache."""',
+        "        return self._step(tokens, cache), cache",
+        "",
+    ] + step
+
+
+class _PyExpr(str):
+    """Source text to write as is (an expression of the module's parameters)."""
+
+
+def _py_literal(v) -> str:
+    if isinstance(v, _PyExpr):
+        return str(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(x)}" for k, x in sorted(v.items())) + "}"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_py_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (bool, int, float)):
+        return repr(v)
+    raise TypeError(f"cannot write {v!r} into generated code")
+
+
 def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> GeneratedCode:
     """One standalone module for every architecture in `graphs` (deterministic text)."""
     classes: list[list[str]] = []
@@ -650,7 +775,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
     for g in graphs:
         em = _Emitter(g)
         fwd = _forward(g, em)
-        cls = _class(g, em) + [""] + fwd
+        cls = _class(g, em) + [""] + fwd + _decode_methods(g, runtime)
         runtime |= em.runtime
         uses_math |= em.uses_math or any("math." in line for line in cls)
         classes.append(cls)
@@ -666,6 +791,8 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
     if runtime & {"mlp_memory", "memory_write"}:
         runtime.add("mlp_memory")
         out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
+    if "KVCache" in runtime:
+        runtime.add("topk_attention")
     for fn in sorted(runtime, key=_runtime_order):
         out += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
     out += [""] + _HELPERS.rstrip().splitlines()
@@ -676,6 +803,4 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
 
 
 def _runtime_order(fn: str) -> int:
-    names = [name for name, _ in inspect.getmembers(torch_runtime, inspect.isfunction)]
-    order = [n for n in torch_runtime.__dict__ if n in names]
-    return order.index(fn)
+    return list(torch_runtime.__dict__).index(fn)

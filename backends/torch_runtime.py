@@ -208,3 +208,121 @@ def kv_reset(store: dict, var: str):
     prefix = f"recursion:{var}:"
     for key in [key for key in store if key.startswith(prefix)]:
         del store[key]
+
+
+class KVCache:
+    """Decode-time K/V per attention-site instance, shaped by the model's caching policies.
+
+    Keys name a site instance ("layers.attn[2]", "core.attn[0]@r=1"). `attend` appends the new
+    tokens' K/V (unless the site reads another's) and attends over everything cached. Policies:
+    prune_key_channels (ThinK: after prefill, older keys keep only the top channels per head,
+    scored by the last `observe` queries; the `recent` newest keys and all later keys stay full
+    width) and topk_decode (LycheeDecode: heads >= dense_heads attend only to the k keys the dense
+    heads weight most). `nbytes()` counts the bytes the cached tensors actually hold.
+    """
+
+    def __init__(self, policies=None):
+        self.policies = dict(policies or {})      # site -> (kind, options)
+        self.entries = {}                          # key -> dict of tensors
+        self.length = 0
+        self.prefilled = False                     # decode-time policies act after the prompt
+
+    def policy(self, site, kind):
+        p = self.policies.get(site)
+        return p[1] if p is not None and p[0] == kind else None
+
+    def attend(self, key, site, q, k, v, qpos, window=0, reads=None):
+        """Append k/v under `key` (or read the entry `reads`) and attend with queries q at qpos."""
+        if reads is None:
+            e = self.entries.setdefault(key, {"k": k[:, :0], "v": v[:, :0], "q_obs": q[:, :0]})
+            if "kept" in e:                               # pruned: new keys stay full width
+                e["k_recent"] = torch.cat([e["k_recent"], k], 1)
+            else:
+                e["k"] = torch.cat([e["k"], k], 1)
+            e["v"] = torch.cat([e["v"], v], 1)
+            think = self.policy(site, "prune_key_channels")
+            if think is not None and "kept" not in e:
+                e["q_obs"] = torch.cat([e["q_obs"], q], 1)[:, -int(think["observe"]):]
+        else:
+            e = self.entries[reads]
+        keys = self._keys(e)
+        top = self.policy(site, "topk_decode")
+        if top is not None and self.prefilled:
+            return topk_attention(q, keys, e["v"], int(top["k"]), int(top["dense_heads"]), qpos, window)
+        return attention(q, keys, e["v"], causal=True, window=window, qpos=qpos)
+
+    @staticmethod
+    def _keys(e):
+        if "kept" not in e:
+            return e["k"]
+        B, n, H, kept = e["k_pruned"].shape
+        D = e["k_recent"].shape[-1]
+        full = torch.zeros(B, n, H, D, dtype=e["k_pruned"].dtype, device=e["k_pruned"].device)
+        full.scatter_(3, e["kept"][:, None].expand(B, n, H, kept), e["k_pruned"])
+        return torch.cat([full, e["k_recent"]], 1)
+
+    def compress(self):
+        """End of prefill: apply ThinK's key-channel pruning to the targeted sites."""
+        self.prefilled = True
+        for key, e in self.entries.items():
+            site = key.split("[")[0].split("@")[0]
+            think = self.policy(site, "prune_key_channels")
+            if think is None or "kept" in e or "k" not in e or float(think["ratio"]) <= 0:
+                continue
+            k, q = e["k"], e["q_obs"]
+            B, n, Hk, D = k.shape
+            recent = min(int(think["recent"]), n)
+            keep = max(1, int((1 - float(think["ratio"])) * D))
+            old, new = k[:, :n - recent], k[:, n - recent:]
+            qg = q.unflatten(2, (Hk, q.shape[2] // Hk))                   # group query heads per KV head
+            score = qg.pow(2).mean(dim=(1, 3)) * old.pow(2).mean(dim=1)   # [B, Hk, D]
+            kept = torch.topk(score, keep, dim=-1).indices.sort(-1).values
+            e["kept"] = kept
+            e["k_pruned"] = torch.gather(old, 3, kept[:, None].expand(B, old.shape[1], Hk, keep)).contiguous()
+            e["k_recent"] = new.contiguous()
+            del e["k"], e["q_obs"]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for e in self.entries.values() for name, t in e.items()
+                   if name != "q_obs")
+
+
+def topk_attention(q, k, v, top: int, dense_heads: int, qpos, window=0):
+    """LycheeDecode-style hybrid heads: dense heads attend to all keys; the others to the `top`
+    keys the dense heads weight most (per sample and query)."""
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=2)
+        v = v.repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+    kp = torch.arange(Tk, device=q.device)[None, None, None, :]
+    allowed = kp <= qpos[:, None, :, None]
+    if window:
+        allowed = allowed & (qpos[:, None, :, None] - kp < window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if 0 < dense_heads < H and top < Tk:
+        chosen = torch.topk(probs[:, :dense_heads].mean(1), top, dim=-1).indices          # [B, Tq, top]
+        keep = torch.zeros(B, Tq, Tk, dtype=torch.bool, device=q.device).scatter(2, chosen, True)
+        sparse = scores[:, dense_heads:].masked_fill(~keep[:, None], float("-inf"))
+        probs = torch.cat([probs[:, :dense_heads], torch.softmax(sparse, dim=-1)], dim=1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class TokenCache:
+    """The incremental path of models that have no per-site K/V form (segment scans, non-causal
+    routing, data-dependent halting): it keeps the token history and recomputes, which is exact."""
+
+    def __init__(self):
+        self.tokens = None
+        self.length = 0
+
+    def extend(self, tokens):
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], 1)
+        self.length = self.tokens.shape[1]
+        return self.tokens
+
+    def nbytes(self):
+        return 0 if self.tokens is None else self.tokens.numel() * self.tokens.element_size()

@@ -137,6 +137,7 @@ def build_policies(al) -> list[Policy]:
         if not targets:
             raise al.err(f"`{st.kind}` needs at least one target layer", st.span)
         opts: dict[str, Any] = {k: d for k, (_, d) in kind.options.items()}
+        stored: dict[str, Any] = {}        # what the IR keeps: parameter expressions stay symbolic
         spans = {}
         for kw in st.kwargs:
             if kw.name not in kind.options:
@@ -161,8 +162,12 @@ def build_policies(al) -> list[Policy]:
                 val = sympy.sympify(v.expr).subs(al.defaults)
                 if not val.is_number:
                     raise al.err(f"`{kw.name}` must be a compile-time number", kw.value.span)
-                opts[kw.name] = float(val) if typ == "float" else int(val)
+                opts[kw.name] = float(val) if typ == "float" else int(val)     # checked at the defaults
+                from archc.dsl.lower import _attr_value
+                if not sympy.sympify(v.expr).is_number:
+                    stored[kw.name] = _attr_value(v.expr)
         kind.check(al, st, targets, opts, spans)
-        args = tuple((k, v.path if isinstance(v, PathRef) else v) for k, v in opts.items() if v is not None)
+        args = tuple((k, stored.get(k, v.path if isinstance(v, PathRef) else v)) for k, v in opts.items()
+                     if v is not None)
         out.append(Policy(st.kind, tuple(targets), args, st.span))
     return out

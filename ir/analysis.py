@@ -44,3 +44,54 @@ def weight_applications(g: Graph) -> dict[str, sympy.Expr]:
                 walk(sub, mult * k, seq)
     walk(g.body, sympy.Integer(1), None)
     return {k: sympy.simplify(v) for k, v in out.items()}
+
+
+# -- incremental decoding -------------------------------------------------------------------------
+
+_SEQ_MIXING_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.ARGMAX, Op.SOFTMAX, Op.CUMSUM, Op.TOPK_MASK,
+                      Op.CONCAT, Op.SLICE, Op.SELECT, Op.GATHER}
+_NEVER = {Op.ARANGE, Op.LINEAR_SCAN, Op.LINEAR_ATTN, Op.CONV1D, Op.MEM_READ, Op.MEM_WRITE, Op.BANK_PUSH,
+          Op.BANK_VALID, Op.HALT_LOOP, Op.ROUTE_TOPK, Op.ROUTE_MASK, Op.SCAN}
+
+
+def lm_token_input(g: Graph):
+    """The token input of a language-model-shaped graph (one i64 [B, T] input), else None."""
+    if len(g.inputs) != 1:
+        return None
+    a = g.inputs[0]
+    if a.type.dtype.value != "i64" or a.type.rank != 2 or not isinstance(a.type.shape[1], sympy.Symbol):
+        return None
+    return a
+
+
+def kv_decode_blocker(g: Graph) -> str | None:
+    """Why `g` has no exact per-token K/V decode path (None when it has one).
+
+    Exact when every op acts position by position along the sequence axis except causal
+    self-attention (whose past K/V are cached), possibly inside `repeat` loops.
+    """
+    tok = lm_token_input(g)
+    if tok is None:
+        return "it is not a language model (one i64 [B, T] token input)"
+    T = tok.type.shape[1]
+
+    def seq_axis(t) -> int | None:
+        hits = [i for i, d in enumerate(t.shape) if d == T]
+        return hits[0] if hits else (-1 if any(d.has(T) for d in t.shape) else None)
+
+    def check(r: Region) -> str | None:
+        for n in r.walk():
+            what = f"`{n.op.value}`" + (f" at line {n.span.line}" if n.span else "")
+            if n.op in _NEVER:
+                return f"{what} mixes information along the sequence"
+            for o in n.outputs:
+                ax = seq_axis(o.type)
+                if ax is not None and ax != 1:
+                    return f"{what} moves the sequence axis"
+            if n.op in _SEQ_MIXING_REDUCE and n.attr("axis") == 1:
+                return f"{what} reduces or indexes along the sequence"
+            if n.op is Op.ATTEND and (not n.attr("causal") or n.attr("has_mask") or n.attr("prefix")):
+                return f"{what} is not plain causal self-attention"
+        return None
+
+    return check(g.body)
