@@ -48,8 +48,14 @@ class ArchError(Exception):
                 else:
                     width = max(len(line_text) - start, 1)
                 width = min(width, max(len(line_text) - start, 1))
-                shown = line_text if len(line_text) <= 200 else line_text[:200] + " ..."
-                out += f"\n  {shown}\n  {' ' * start}{'^' * width}"
+                shown, indent = line_text, start
+                if len(line_text) > 200:
+                    # show a 200-character window around the column; the carets stay under it
+                    lo = max(0, min(start - 60, len(line_text) - 200))
+                    shown = ("... " if lo else "") + line_text[lo:lo + 200] + (" ..." if lo + 200 < len(line_text) else "")
+                    indent = start - lo + (4 if lo else 0)
+                    width = max(min(width, lo + 200 - start), 1)
+                out += f"\n  {shown}\n  {' ' * indent}{'^' * width}"
         if self.hint:
             out += f"\n  hint: {self.hint}"
         return out

@@ -59,8 +59,13 @@ def _sig_text(sig: Sig) -> str:
 
 
 def _show(d):
+    from archc.dsl import layers, memories
+    if d is layers._NONE or d is memories._NONE:
+        return "auto"               # an optional argument whose default is derived from the others
     if isinstance(d, Static):
         return expr_str(d.expr) if d.kind != "bool" else str(d.expr == sympy.true).lower()
+    if isinstance(d, StrVal):
+        return f'"{d.value}"'
     return repr(d)
 
 
@@ -122,6 +127,11 @@ def shape_arg(al, a, what) -> list:
     for x in v:
         if not isinstance(x, Static) or x.kind != "int":
             raise al.err(f"{what} must contain compile-time integers", span)
+        xv = as_expr(x.expr).subs(al.defaults)
+        if xv.is_number and xv < 0:
+            from archc.dsl.lower import shown
+            raise al.err(f"{what} has a negative dimension {shown(x.expr, xv)}", span,
+                         hint="archc does not infer a dimension from -1; write every dimension out")
         out.append(_attr(x.expr))
     return out
 
@@ -155,7 +165,10 @@ def _unary(name):
         v, vspan = a["x"]
         if isinstance(v, Static):
             if name in _STATIC_UNARY and v.kind != "bool":
-                return Static(_STATIC_UNARY[name](v.expr), "float")
+                from archc.dsl.exprs import check_finite
+                r = _STATIC_UNARY[name](v.expr)
+                check_finite(al, r, span)          # sqrt(-1), log(0)
+                return Static(r, "float")
             raise al.err(f"`{name}` of a compile-time value is not supported", span)
         x = as_tensor(al, v, vspan)
         if x.type.dtype is not F32 and name not in ("abs", "detach"):
@@ -198,7 +211,12 @@ def _reduce(op):
 def _topk_mask(al, a, span, hint):
     x = tensor_arg(al, a["x"])
     k = int_arg(al, a["k"], "k")
-    return al.b.emit1(Op.TOPK_MASK, [x], {"axis": axis_arg(al, a["axis"], x.type.rank), "k": _attr(k)}, span, name=hint)
+    ax = axis_arg(al, a["axis"], x.type.rank)
+    kv, nv = as_expr(k).subs(al.defaults), as_expr(x.type.shape[ax]).subs(al.defaults)
+    if kv.is_number and (kv < 1 or (nv.is_number and kv > nv)):
+        raise al.err(f"k = {kv} is out of range for an axis of size {expr_str(x.type.shape[ax])}"
+                     + (f" = {nv}" if nv.is_number and not as_expr(x.type.shape[ax]).is_number else ""), a["k"][1])
+    return al.b.emit1(Op.TOPK_MASK, [x], {"axis": ax, "k": _attr(k)}, span, name=hint)
 
 
 def _l2(al, a, span, hint):
@@ -228,7 +246,14 @@ def _star(k):
 
 def _reshape(al, a, span, hint):
     x = tensor_arg(al, a["x"])
-    return al.b.emit1(Op.RESHAPE, [x], {"shape": shape_arg(al, a["shape"], "shape")}, span, name=hint)
+    shape = shape_arg(al, a["shape"], "shape")
+    n, m = sympy.prod(x.type.shape), sympy.prod([as_expr(s) for s in shape])
+    ratio = sympy.simplify(as_expr(n) / as_expr(m)).subs(al.defaults) if as_expr(m) != 0 else None
+    if ratio is not None and ratio.is_number and ratio != 1:      # sizes differ by a factor, not just symbolically
+        raise al.err(f"cannot reshape {x.type} to [{', '.join(expr_str(as_expr(d)) for d in shape)}]: "
+                     f"{expr_str(n)} elements vs {expr_str(m)}", a["shape"][1],
+                     hint="the element counts must match (checked at the parameter defaults)")
+    return al.b.emit1(Op.RESHAPE, [x], {"shape": shape}, span, name=hint)
 
 
 def _permute(al, a, span, hint):
@@ -263,7 +288,12 @@ def _unsqueeze(al, a, span, hint):
 
 def _broadcast(al, a, span, hint):
     x = tensor_arg(al, a["x"])
-    return al.b.emit1(Op.BROADCAST, [x], {"shape": shape_arg(al, a["shape"], "shape")}, span, name=hint)
+    shape = shape_arg(al, a["shape"], "shape")
+    if len(shape) < x.type.rank:
+        raise al.err(f"cannot broadcast {x.type} to [{', '.join(expr_str(as_expr(d)) for d in shape)}]: "
+                     "the target has fewer dimensions", a["shape"][1], hint="broadcasting adds or expands dimensions; "
+                     "use reshape or a reduction to remove them")
+    return al.b.emit1(Op.BROADCAST, [x], {"shape": shape}, span, name=hint)
 
 
 def _split_heads(al, a, span, hint):
@@ -276,7 +306,8 @@ def _split_heads(al, a, span, hint):
 def _check_divides(al, n, k, span, what_n, what_k):
     nv, kv = as_expr(n).subs(al.defaults), as_expr(k).subs(al.defaults)
     if nv.is_number and kv.is_number and (kv == 0 or not (nv / kv).is_Integer):
-        raise al.err(f"{what_n} ({expr_str(n)} = {nv}) is not divisible by {what_k} ({expr_str(k)} = {kv})", span)
+        from archc.dsl.lower import shown
+        raise al.err(f"{what_n} ({shown(n, nv)}) is not divisible by {what_k} ({shown(k, kv)})", span)
 
 
 def _merge_heads(al, a, span, hint):

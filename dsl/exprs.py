@@ -75,7 +75,27 @@ def _list(al, e: A.ListLit, scope, frame, hint):
     return [lower_expr(al, x, scope, frame) for x in e.items]
 
 
-def _static_binop(al, op: str, a: Static, b: Static, span: Span) -> Static:
+def _values_at_defaults(al, e, frame=None) -> list:
+    """`e` with the parameters at their defaults (and each value of the loop variables in scope)."""
+    try:
+        if frame is not None and getattr(frame, "loop_vars", None):
+            return al.sample_values(e, frame)
+        return [sympy.sympify(e).subs(al.defaults)]
+    except (ZeroDivisionError, TypeError, ValueError):
+        return [sympy.nan]
+
+
+def check_finite(al, r, span: Span, frame=None):
+    """A compile-time number must be finite and real where it is evaluated (1 / (d - 4) at d = 4 is not)."""
+    for v in _values_at_defaults(al, r, frame):
+        if v.is_number and (v.has(sympy.nan) or v.is_finite is False or v.is_real is False):
+            what = "is undefined" if v.has(sympy.nan) else "is infinite" if v.is_finite is False else "is not a real number"
+            at = "" if sympy.sympify(r).is_number else f" ({expr_str(r)} with the parameters at their defaults)"
+            raise al.err(f"this value {what}{at}", span,
+                         hint="compile-time values are checked at the parameter defaults and every loop step")
+
+
+def _static_binop(al, op: str, a: Static, b: Static, span: Span, frame=None) -> Static:
     x, y = a.expr, b.expr
     if op in ("and", "or"):
         if a.kind != "bool" or b.kind != "bool":
@@ -89,6 +109,9 @@ def _static_binop(al, op: str, a: Static, b: Static, span: Span) -> Static:
     kind = "float" if "float" in (a.kind, b.kind) else "int"
     if op in ("/", "//", "%") and y.is_number and y == 0:
         raise al.err("division by zero", span)
+    if op in ("/", "//", "%") and not y.is_number and any(v.is_number and v == 0 for v in _values_at_defaults(al, y, frame)):
+        raise al.err(f"division by zero: the divisor {expr_str(y)} is 0", span,
+                     hint="compile-time values are checked at the parameter defaults and every loop step")
     if op == "+":
         r = x + y
     elif op == "-":
@@ -120,6 +143,8 @@ def _static_binop(al, op: str, a: Static, b: Static, span: Span) -> Static:
         raise al.err(f"unknown operator `{op}`", span)
     if r.is_number and (r.has(sympy.zoo) or r.has(sympy.nan)):
         raise al.err("this expression has no finite value", span)
+    if op in ("/", "//", "%", "**"):
+        check_finite(al, r, span, frame)
     return Static(r, kind)
 
 
@@ -127,7 +152,7 @@ def _binop(al, e: A.BinOp, scope, frame, hint):
     a = lower_expr(al, e.left, scope, frame)
     b = lower_expr(al, e.right, scope, frame)
     if isinstance(a, Static) and isinstance(b, Static):
-        return _static_binop(al, e.op, a, b, e.span)
+        return _static_binop(al, e.op, a, b, e.span, frame)
     for v, side in ((a, e.left), (b, e.right)):
         if isinstance(v, (StrVal, list)):
             raise al.err(f"operator `{e.op}` needs numbers or tensors", side.span)

@@ -435,10 +435,13 @@ def suggest(name: str, candidates) -> str | None:
 
 def lower_module(module: A.Module) -> list[Graph]:
     """The one entry point from AST to IR."""
+    lw = None
     try:
-        return Lowerer(module).lower()
+        lw = Lowerer(module)
+        return lw.lower()
     except ArchError as e:
         raise e.with_source(module.source)
     except RecursionError:
-        raise ArchError("program is nested too deeply to lower", Span(module.file, 1, 1, 1, 2),
-                        source=module.source) from None
+        span = getattr(lw, "last_stmt_span", None) or Span(module.file, 1, 1, 1, 2)
+        raise ArchError("program is nested too deeply to lower", span, source=module.source,
+                        hint="split long expressions into several assignments, or nest fewer blocks") from None

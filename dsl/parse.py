@@ -8,7 +8,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from archc.dsl import ast as A
@@ -25,11 +25,18 @@ class _PostLex:
 
     def __init__(self, file: str):
         self.file = file
+        self.open: list[Token] = []     # the brackets open at the current token (for diagnostics)
 
     def process(self, stream):
         depth = 0
         last_nl = True
+        self.open = []
+        signs = 0                       # consecutive `-` / `not` (each nests the expression one level)
         for tok in stream:
+            signs = signs + 1 if tok.type in ("MINUS", "NOT") else 0
+            if signs > MAX_NESTING:
+                raise ArchError(f"more than {MAX_NESTING} `-` or `not` in a row", _tok_span(self.file, tok),
+                                hint="simplify the expression: `- -x` is `x`")
             if tok.type == "_NL":
                 if depth > 0 or last_nl:
                     continue
@@ -39,11 +46,13 @@ class _PostLex:
             if tok.type in ("LPAR", "LSQB", "LBRACE"):
                 if tok.type != "LBRACE":
                     depth += 1
+                    self.open.append(tok)
                 if depth > MAX_NESTING:
                     raise ArchError(f"brackets nested more than {MAX_NESTING} deep", _tok_span(self.file, tok),
                                     hint="split the expression into several assignments")
             elif tok.type in ("RPAR", "RSQB") and depth > 0:
                 depth -= 1
+                self.open.pop()
             last_nl = False
             yield tok
 
@@ -61,7 +70,9 @@ def _grammar() -> str:
     return resources.files("archc.dsl").joinpath("arch.lark").read_text()
 
 
+@lru_cache(maxsize=32)
 def _parser(file: str) -> Lark:
+    """Building the LALR tables takes ~0.1 s, so parsers are reused (the post-lexer resets per parse)."""
     return Lark(_grammar(), parser="lalr", lexer="contextual", propagate_positions=True,
                 postlex=_PostLex(file), maybe_placeholders=True, start="start")
 
@@ -89,14 +100,26 @@ def _describe(expected) -> str:
 _HINTS = [
     # (condition on the offending token text / expected set, hint)
     (lambda tok, exp: "EQUAL" in exp and tok == "(", "a layer is declared as `layer NAME = Kind(args)`"),
-    (lambda tok, exp: tok == "=" and "COLON" in exp, "inputs and parameters need a type: `input x: f32[B, T, d]`"),
+    (lambda tok, exp: "COLON" in exp and (tok == "=" or exp == {"COLON"}),
+     "inputs and parameters need a type: `input x: f32[B, T, d]`, `d: int = 64`"),
+    (lambda tok, exp: "EQUAL" in exp and exp <= {"EQUAL", "LSQB"} and tok.isidentifier(),
+     "a `=` is missing: declarations read `layer NAME = Kind(args)`, `memory NAME = Kind(args)`"),
     (lambda tok, exp: tok == "{" and "LPAR" in exp, "definitions take a parameter list: `arch Name(d: int = 64) {`"),
     (lambda tok, exp: "RBRACE" in exp and tok in ("", "$END"), "a `{` is missing its closing `}`"),
     (lambda tok, exp: tok == ":" and "EQUAL" in exp, "archc has no `:` blocks; use `{ ... }`"),
 ]
 
 
-def _syntax_error(e: UnexpectedInput, file: str, source: str) -> ArchError:
+def _accepted(e: UnexpectedInput) -> set[str] | None:
+    """The terminals the parser state really accepts (the contextual lexer also lists always-accepted newlines)."""
+    st = getattr(e, "state", None)
+    try:
+        return set(st.parse_conf.parse_table.states[st.position])
+    except Exception:
+        return None
+
+
+def _syntax_error(e: UnexpectedInput, file: str, source: str, unclosed: list | None = None) -> ArchError:
     line = getattr(e, "line", 1) or 1
     col = getattr(e, "column", 1) or 1
     if isinstance(e, UnexpectedCharacters):
@@ -104,7 +127,15 @@ def _syntax_error(e: UnexpectedInput, file: str, source: str) -> ArchError:
         span = Span(file, line, col, line, col + 1)
         hint = "strings use double quotes" if ch == "'" else None
         return ArchError(f"unexpected character {ch!r}", span, hint=hint, source=source)
-    if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+    at_end = isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END")
+    if unclosed and (at_end or (isinstance(e, UnexpectedToken) and e.token.type == "RBRACE")):
+        # a `}` or the end of the file inside (...) or [...]: point at the bracket left open
+        o = unclosed[-1]
+        closer = ")" if str(o) == "(" else "]"
+        where = "the end of the file" if at_end else f"`}}` at line {e.token.line}"
+        return ArchError(f"`{o}` is never closed", _tok_span(file, o), source=source,
+                         hint=f"reached {where} inside it; add the missing `{closer}`")
+    if at_end:
         lines = source.splitlines() or [""]
         last = len(lines)
         span = Span(file, last, len(lines[-1]) + 1, last, len(lines[-1]) + 2)
@@ -114,6 +145,9 @@ def _syntax_error(e: UnexpectedInput, file: str, source: str) -> ArchError:
     span = _tok_span(file, tok)
     text = "newline" if tok.type == "_NL" else repr(str(tok))
     exp = set(e.expected or ())
+    accepted = _accepted(e)
+    if accepted is not None and exp & accepted:
+        exp &= accepted
     msg = f"unexpected {text}"
     desc = _describe(exp)
     if desc:
@@ -150,12 +184,13 @@ def parse(source: str | bytes, file: str = "<string>") -> A.Module:
         col = i - (source.rfind("\n", 0, i) + 1) + 1
         raise ArchError("file contains a NUL byte", Span(file, line, col, line, col + 1), source=source,
                         hint="archc sources are UTF-8 text files")
+    lark = _parser(file)
     try:
-        tree = _parser(file).parse(source + "\n")
+        tree = lark.parse(source + "\n")
     except ArchError as err:
         raise err.with_source(source) from None
     except UnexpectedInput as err:
-        raise _syntax_error(err, file, source) from None
+        raise _syntax_error(err, file, source, list(lark.options.postlex.open)) from None
     except RecursionError:
         raise ArchError("program is nested too deeply", Span(file, 1, 1, 1, 2), source=source) from None
     try:
@@ -165,11 +200,27 @@ def parse(source: str | bytes, file: str = "<string>") -> A.Module:
             raise err.orig_exc.with_source(source) from None
         raise
     except RecursionError:
-        raise ArchError("program is nested too deeply", Span(file, 1, 1, 1, 2), source=source,
+        raise ArchError("program is nested too deeply", _deepest_stmt(tree, file), source=source,
                         hint="split long expressions into several assignments") from None
     module.source = source
     module.doc = leading_comment(source)
     return module
+
+
+def _deepest_stmt(tree, file: str) -> Span:
+    """The statement that holds the most deeply nested part of the tree (found without recursion)."""
+    best, best_span = -1, Span(file, 1, 1, 1, 2)
+    stack = [(tree, 0, None)]
+    while stack:
+        node, depth, stmt = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        if str(node.data).endswith("_stmt") and not getattr(node.meta, "empty", True):
+            stmt = node.meta
+        if depth > best and stmt is not None:
+            best, best_span = depth, _span(file, stmt)
+        stack.extend((c, depth + 1, stmt) for c in node.children)
+    return best_span
 
 
 def leading_comment(source: str) -> str:

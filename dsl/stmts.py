@@ -16,6 +16,7 @@ from archc.ir.ops import Op
 from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, dims_equal, expr_str, sym
 
 SHARE_STRATEGIES = ("cycle", "sequence")
+MAX_STMT_NESTING = 64
 
 
 class StmtLowering:
@@ -88,7 +89,16 @@ class StmtLowering:
 
     def stmt(self, st: A.Stmt, scope, frame, kind: str):
         handler = getattr(self, "s_" + type(st).__name__.lower())
-        handler(st, scope, frame, kind)
+        depth = getattr(self.al, "stmt_depth", 0)      # loops, routes, scans and inlined blocks nest
+        if depth >= MAX_STMT_NESTING:
+            raise self.err(f"statements nested more than {MAX_STMT_NESTING} deep (loops, routes, scans and blocks)",
+                           st.span, hint="flatten the nesting: fewer nested loops or blocks")
+        self.al.stmt_depth = depth + 1
+        self.al.lw.last_stmt_span = st.span          # where a RecursionError is reported
+        try:
+            handler(st, scope, frame, kind)
+        finally:
+            self.al.stmt_depth = depth
 
     def s_input(self, st: A.Input, scope, frame, kind):
         if kind == "arch":
