@@ -74,13 +74,16 @@ class Compiled:
     target: str
 
 
-def compile(path_or_source: str | Path, target: str = "torch") -> Compiled:  # noqa: A001 - the API's name
-    """Check a .arch file and generate code for `target` (currently "torch")."""
+def compile(path_or_source: str | Path, target: str = "torch",  # noqa: A001 - the API's name
+            optimize=None) -> Compiled:
+    """Check a .arch file, apply `optimize` (a Graph -> Graph pipeline) to each graph, generate code for `target`."""
     if target != "torch":
         from archc.errors import ArchError
         raise ArchError(f"unknown target {target!r}; available: torch")
     from archc.backends.torch import generate
     graphs = check(path_or_source)
+    if optimize is not None:
+        graphs = [optimize(g) for g in graphs]
     src, name = _read(path_or_source)
     gen = generate(graphs, source_file=name if name != "<string>" else "")
     return Compiled(gen.source, tuple(graphs), target)

@@ -1,4 +1,4 @@
-"""The `archc` command line: check, ir, graph, cost."""
+"""The `archc` command line: check, ir, graph, compile, cost, passes."""
 from __future__ import annotations
 
 import shutil
@@ -66,6 +66,40 @@ def _select(graphs, arch: str | None):
     return chosen
 
 
+def _pass_options(default: str):
+    """-O0/-O1/-O2, --passes, --disable-pass, --print-after(-all), --time-passes, --verify (SPEC.md §16)."""
+    options = [
+        click.option("-O", "opt_level", type=click.Choice(["0", "1", "2"]), default=default[1:], show_default=True,
+                     help="Optimization level: -O0 no passes, -O1 clean-ups, -O2 everything."),
+        click.option("--passes", "pass_list", metavar="A,B,...", help="Run exactly these passes, in order (instead of -O)."),
+        click.option("--disable-pass", "disabled", multiple=True, metavar="PASS", help="Leave PASS out (repeatable)."),
+        click.option("--print-after-all", is_flag=True, help="Print the IR after every pass."),
+        click.option("--print-after", "print_after", multiple=True, metavar="PASS", help="Print the IR after PASS (repeatable)."),
+        click.option("--time-passes", is_flag=True, help="Print how long each pass took."),
+        click.option("--verify", "verify_each", is_flag=True, help="Verify the IR after every pass."),
+    ]
+
+    def deco(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return deco
+
+
+def _optimizer(out, opt_level, pass_list, disabled, print_after_all, print_after, time_passes, verify_each):
+    """The Graph -> Graph pipeline the pass options ask for; pass names are checked before anything runs."""
+    from archc.passes import get_pass, preset, run_pipeline
+    if pass_list is not None:
+        names = [p.strip() for p in pass_list.split(",") if p.strip()]
+    else:
+        names = list(preset(f"O{opt_level}"))
+    for name in [*names, *disabled, *print_after]:
+        get_pass(name)
+    names = [n for n in names if n not in disabled]
+    return lambda g: run_pipeline(g, names, verify=verify_each, print_after=print_after,
+                                  print_after_all=print_after_all, time_passes=time_passes, out=out)
+
+
 def _bindings(pairs: tuple[str, ...]) -> dict[str, float | int]:
     from archc.ir.shapes import ExprSyntaxError, parse_expr
     out: dict[str, float | int] = {}
@@ -102,11 +136,13 @@ def check(files):
 @main.command()
 @click.argument("file")
 @click.option("--arch", help="Only this architecture of the file.")
+@_pass_options("O0")
 @_diagnostics
-def ir(file, arch):
-    """Print the IR of FILE in its textual form."""
+def ir(file, arch, **pass_opts):
+    """Print the IR of FILE in its textual form (after the passes asked for; none by default)."""
     from archc.ir.printer import print_module
-    click.echo(print_module(_select(_graphs(file), arch)), nl=False)
+    optimize = _optimizer(sys.stdout, **pass_opts)
+    click.echo(print_module([optimize(g) for g in _select(_graphs(file), arch)]), nl=False)
 
 
 @main.command()
@@ -133,12 +169,14 @@ def graph(file, output, arch):
 @click.option("--target", type=click.Choice(["torch"]), default="torch", show_default=True,
               help="What to generate.")
 @click.option("-o", "--output", help="Where to write the result (default: standard output).")
+@_pass_options("O1")
 @_diagnostics
-def compile_cmd(file, target, output):
-    """Compile FILE to a standalone module for TARGET."""
+def compile_cmd(file, target, output, **pass_opts):
+    """Compile FILE to a standalone module for TARGET (after the -O1 clean-up passes by default)."""
     from archc.api import compile as compile_source
     _read(file)
-    code = compile_source(file, target=target).source
+    optimize = _optimizer(sys.stderr, **pass_opts)
+    code = compile_source(file, target=target, optimize=optimize).source
     if output:
         Path(output).write_text(code)
         click.echo(f"wrote {output}", err=True)
@@ -162,6 +200,17 @@ def cost(file, sets, arch):
             raise ArchError(f"`{g.name}` has no symbol {', '.join(unknown)}; symbols: " + ", ".join(sorted(known)))
         click.echo(f"== {g.name}")
         click.echo(cost_of(g).table(bindings))
+
+
+@main.command(name="passes")
+def passes_cmd():
+    """List the registered passes and what each -O level runs."""
+    from archc.passes import PASSES, PRESETS, summary
+    width = max(len(name) for name in PASSES)
+    for name in PASSES:
+        click.echo(f"{name:<{width}}  {summary(name)}")
+    for level, names in PRESETS.items():
+        click.echo(f"-{level}: {', '.join(names) or '(no passes)'}")
 
 
 if __name__ == "__main__":

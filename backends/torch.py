@@ -91,7 +91,8 @@ class _Emitter:
         self.loops: list[tuple[str, str]] = []   # enclosing loops: (IR loop variable, Python name)
         self.ns = Namespace()
         self.lines: list[str] = []
-        self.inline: dict[str, str] = {}     # const value name -> literal
+        self.inline: dict[str, str] = {}     # const/param value name -> literal or attribute chain
+        self.consts: set[str] = set()        # inlined consts (Python scalars)
         self.uses_kv = any(n.op is Op.ATTEND and n.attr("kv_share") for n in g.walk())
         self.read: set[str] = set(g.body.results)      # every value some node or region reads
         for n in g.walk():
@@ -141,6 +142,7 @@ class _Emitter:
             return
         if n.op is Op.CONST:
             self.inline[n.out.name] = self.const_literal(n)
+            self.consts.add(n.out.name)
             return
         if n.op is Op.PARAM:             # parameters read in place: self.core.attn.q.weight
             self.inline[n.out.name] = _param(self, n, [])
@@ -148,7 +150,8 @@ class _Emitter:
         rule = EMIT.get(n.op)
         if rule is None:
             raise ArchError(f"op `{n.op.value}` is not supported by backend `torch`", n.span)
-        ins = [self.v(i) for i in n.inputs]
+        ins = [self.v(i) if (i not in self.consts or n.op in _SCALAR_OK) else f"torch.as_tensor({self.v(i)})"
+               for i in n.inputs]
         expr = rule(self, n, ins)
         if len(n.outputs) == 1:
             self.out(f"{self.v(n.out.name)} = {expr}", indent)
@@ -181,6 +184,9 @@ class _Emitter:
 
 
 # -- op table: each entry renders the right-hand side of one assignment ---------------------------
+
+_SCALAR_OK = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.GT, Op.LT, Op.GE, Op.LE, Op.EQ, Op.NE, Op.WHERE,
+              Op.MAXIMUM, Op.MINIMUM}   # ops whose Python-scalar operands torch accepts as they are
 
 Rule = Callable[[_Emitter, Node, list], str]
 EMIT: dict[Op, Rule] = {}
@@ -603,6 +609,8 @@ def _class(g: Graph, em: _Emitter) -> list[str]:
     used = _used_syms([p for p in g.params], em)
     lines += _unpack(used, names, 8)
     lines.append("        with torch.no_grad():")
+    if not g.params:
+        lines.append("            pass  # no parameters")
     for p in g.params:
         args = {k: em.e(v) for k, v in p.init_args}
         init = _INIT[p.init](args)
@@ -673,7 +681,7 @@ def _forward(g: Graph, em: _Emitter) -> list[str]:
         head.append("        kv = {}  # K/V published by attention sites, read by the layers that share them")
     if em.grad_flag:
         head.append("        grad = torch.is_grad_enabled()")
-    outs = [em.v(r) for r in g.body.results]
+    outs = [em.v(r) if r not in em.consts else f"torch.as_tensor({em.v(r)})" for r in g.body.results]
     if len(outs) == 1:
         tail = [f"        return {outs[0]}"]
     else:
