@@ -23,7 +23,7 @@ from archc.backends import torch_runtime
 from archc.backends.pyexpr import py_expr
 from archc.errors import ArchError
 from archc.ir.core import Graph, Node, Param, Region, Value
-from archc.ir.ops import Op
+from archc.ir.ops import Op, attend_operands
 from archc.ir.shapes import DType
 
 _TORCH_DTYPE = {DType.F32: "torch.float32", DType.I64: "torch.long", DType.BOOL: "torch.bool"}
@@ -332,12 +332,7 @@ def _mem_write_node(em: _Emitter, n: Node, indent: int):
 
 @rule(Op.ATTEND)
 def _attend(em, n, ins):
-    q, k, v = ins[:3]
-    rest = list(ins[3:])
-    mask = rest.pop(0) if n.attr("has_mask") else None
-    qpos = kpos = None
-    if n.attr("has_pos"):
-        qpos, kpos = rest[0], rest[1]
+    q, k, v, mask, qpos, kpos = attend_operands(n, ins)
     args = [q, k, v]
     if n.attr("causal"):
         args.append("causal=True")
@@ -801,6 +796,8 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
         out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
     if "KVCache" in runtime:
         runtime.add("topk_attention")
+    if runtime & {"attention", "topk_attention"}:
+        runtime.add("repeat_kv")
     for fn in sorted(runtime, key=_runtime_order):
         out += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
     out += [""] + _HELPERS.rstrip().splitlines()

@@ -32,6 +32,14 @@ def rope(x, base: float, pos=None):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def repeat_kv(k, v, heads: int):
+    """Grouped-query attention: repeat each K/V head for the query heads that share it."""
+    if k.shape[2] != heads:
+        k = k.repeat_interleave(heads // k.shape[2], dim=2)
+        v = v.repeat_interleave(heads // v.shape[2], dim=2)
+    return k, v
+
+
 def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, mask=None, qpos=None, kpos=None):
     """Scaled dot-product attention on [B, T, H, D] with grouped KV heads; fully masked rows give 0.
 
@@ -40,10 +48,8 @@ def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, m
     where attending is allowed.
     """
     B, Tq, H, D = q.shape
-    Tk, Hk = k.shape[1], k.shape[2]
-    if Hk != H:
-        k = k.repeat_interleave(H // Hk, dim=2)
-        v = v.repeat_interleave(H // Hk, dim=2)
+    Tk = k.shape[1]
+    k, v = repeat_kv(k, v, H)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
     allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
     if causal or window:
@@ -291,10 +297,8 @@ def topk_attention(q, k, v, top: int, dense_heads: int, qpos, window=0):
     """LycheeDecode-style hybrid heads: dense heads attend to all keys; the others to the `top`
     keys the dense heads weight most (per sample and query)."""
     B, Tq, H, D = q.shape
-    Tk, Hk = k.shape[1], k.shape[2]
-    if Hk != H:
-        k = k.repeat_interleave(H // Hk, dim=2)
-        v = v.repeat_interleave(H // Hk, dim=2)
+    Tk = k.shape[1]
+    k, v = repeat_kv(k, v, H)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
     kp = torch.arange(Tk, device=q.device)[None, None, None, :]
     allowed = kp <= qpos[:, None, :, None]

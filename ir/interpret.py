@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from archc.backends import torch_runtime as rt
 from archc.errors import ArchError
 from archc.ir.core import Graph, Node, Param, Region
-from archc.ir.ops import Op
+from archc.ir.ops import Op, attend_operands
 from archc.ir.shapes import DType, as_expr, sym
 
 TORCH_DTYPES = {DType.F32: torch.float32, DType.I64: torch.int64, DType.BOOL: torch.bool}
@@ -344,12 +344,7 @@ IMPL[Op.ROPE] = lambda it, n, ins, vals: [rt.rope(ins[0], float(it.attr(n, "base
 
 @impl(Op.ATTEND)
 def _attend(it, n, ins, vals):
-    q, k, v = ins[:3]
-    rest = list(ins[3:])
-    mask = rest.pop(0) if n.attr("has_mask") else None
-    qpos = kpos = None
-    if n.attr("has_pos"):
-        qpos, kpos = rest[0], rest[1]
+    q, k, v, mask, qpos, kpos = attend_operands(n, ins)
     site, share = n.attr("site"), n.attr("kv_share")
     if site and n.attr("copy") is not None:
         site = f"{site}[{it.env.eval_int(n.attr('copy'))}]"

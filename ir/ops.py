@@ -497,6 +497,14 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
       "run the region over consecutive segments of the first operand, carrying state", regions=1, required=("size",)),
 ]}
 
+def attend_operands(node, ins: list):
+    """The operand layout of `attend`, in one place: (q, k, v, mask | None, qpos | None, kpos | None)."""
+    q, k, v, *rest = ins
+    mask = rest.pop(0) if node.attr("has_mask") else None
+    qpos, kpos = (rest[0], rest[1]) if node.attr("has_pos") else (None, None)
+    return q, k, v, mask, qpos, kpos
+
+
 UNARY_OPS = frozenset(o for o, d in OPS.items() if d.group is Group.UNARY)
 BINARY_OPS = frozenset(o for o, d in OPS.items() if d.group in (Group.BINARY, Group.COMPARE))
 REGION_OPS = frozenset(o for o, d in OPS.items() if d.group is Group.REGION)
