@@ -1,0 +1,1 @@
+"""The Triton backend (SPEC §19): a PyTorch module whose hot regions call generated Triton kernels."""
