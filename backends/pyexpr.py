@@ -89,7 +89,20 @@ class _R:
         if isinstance(e, sympy.Not):
             return self.wrap("not " + self.render(e.args[0], _ATOM), 0, ctx)
         if isinstance(e, sympy.core.relational.Relational):
-            return self.wrap(f"{self.render(e.lhs, _ADD)} {e.rel_op} {self.render(e.rhs, _ADD)}", 0, ctx)
+            real = _R(self.names, False)             # a condition compares values: no integer division
+            return self.wrap(f"{real.render(e.lhs, _ADD)} {e.rel_op} {real.render(e.rhs, _ADD)}", 0, ctx)
+        if isinstance(e, sympy.Piecewise):
+            return self.piecewise(e)
         if e is sympy.pi:
             return "math.pi"
         raise ValueError(f"cannot render {e} as Python")
+
+    def piecewise(self, e) -> str:
+        """`(a if c1 else b if c2 else c)`: the pieces in order, the first true condition wins."""
+        parts = []
+        for value, cond in e.args:
+            if cond == sympy.true:
+                parts.append(self.render(value, 0))
+                return "(" + "".join(parts) + ")"
+            parts.append(f"{self.render(value, 1)} if {self.render(cond, 1)} else ")
+        raise ValueError(f"cannot render {e} as Python: no piece applies when every condition is false")

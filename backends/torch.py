@@ -685,6 +685,32 @@ def _forward(g: Graph, em: _Emitter) -> list[str]:
     return head + body + tail
 
 
+def _schedule_methods(g: Graph, em: _Emitter) -> list[str]:
+    """One `schedule_<name>(x)` method per schedule: sets the parameters it overrides, returns every value."""
+    names = em.sym_names()
+    params = {s.name: s.kind for s in g.symbols if s.kind != "dim"}
+    out: list[str] = []
+    for s in g.schedules:
+        var = em.ns.claim(f"schedule:{s.name}", s.var)
+        env = {**{p: "self." + names[p] for p in params}, s.var: var}
+        overrides = [k for k, _ in s.values if k in params]
+        method = em.ns.claim(f"schedule-method:{s.name}", f"schedule_{s.name}")
+        doc = f"Schedule `{s.name}` of {var}: " + (
+            f"sets {', '.join(overrides)} on this module" if overrides else "sets no parameter") + "; returns every value."
+        out += ["", f"    def {method}(self, {var}):", f'        """{_docstr(doc)}"""', "        values = {"]
+        for k, v in s.values:
+            text = py_expr(v, env)
+            if "math." in text:
+                em.uses_math = True
+            cast = {"int": "int", "float": "float", "bool": "bool"}.get(params.get(k, ""))
+            out.append(f"            {json.dumps(k)}: {f'{cast}({text})' if cast else text},")
+        out.append("        }")
+        for k in overrides:
+            out.append(f"        self.{names[k]} = values[{json.dumps(k)}]")
+        out.append("        return values")
+    return out
+
+
 def _mentions(lines: list[str], name: str) -> bool:
     pat = re.compile(rf"(?<![\w.]){re.escape(name)}(?!\w)")
     return any(pat.search(line) for line in lines)
@@ -778,7 +804,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
     for g in graphs:
         em = _Emitter(g)
         fwd = _forward(g, em)
-        cls = _class(g, em) + [""] + fwd + _decode_methods(g, runtime)
+        cls = _class(g, em) + [""] + fwd + _schedule_methods(g, em) + _decode_methods(g, runtime)
         runtime |= em.runtime
         uses_math |= em.uses_math or any("math." in line for line in cls)
         classes.append(cls)

@@ -214,6 +214,14 @@ class CacheDecl(Stmt):
 
 
 @dataclass(eq=False)
+class ScheduleDecl(Stmt):
+    name: str
+    var: str
+    var_type: str
+    body: list[Stmt]
+
+
+@dataclass(eq=False)
 class Require(Stmt):
     cond: Expr
     message: str | None

@@ -191,6 +191,14 @@ def _minmax(name):
 
 
 def _where(al, a, span, hint):
+    (cv, cs), (x, xs), (y, ys) = a["cond"], a["a"], a["b"]
+    if all(isinstance(v, Static) for v in (cv, x, y)):       # compile time: a piecewise value
+        if cv.kind != "bool":
+            raise al.err("the condition of `where` must be a comparison or a bool", cs)
+        if (x.kind == "bool") != (y.kind == "bool"):
+            raise al.err("both branches of `where` must be numbers, or both bools", span)
+        kind = "bool" if x.kind == "bool" else "float" if "float" in (x.kind, y.kind) else "int"
+        return Static(sympy.piecewise_fold(sympy.Piecewise((x.expr, cv.expr), (y.expr, True))), kind)
     c = tensor_arg(al, a["cond"], "condition")
     (x, xs), (y, ys) = a["a"], a["b"]
     tx = as_tensor(al, x, xs, like=y if isinstance(y, Value) else c)

@@ -219,6 +219,7 @@ class ArchLowering:
         self.symbols: list[Symbol] = []
         self.dims: list[str] = []
         self.cache_decls: list[tuple[A.CacheDecl, Scope, Frame]] = []
+        self.schedules: list = []
         self.attention_sites: dict[str, dict] = {}
         self.mem_kinds_used: set[str] = set()
         self.outputs: list[Value] = []
@@ -367,7 +368,7 @@ class ArchLowering:
         body = apply_site_attrs(body, self.site_attrs)
         symbols = list(self.symbols) + [Symbol(d, "dim") for d in self.dims]
         return Graph(self.arch.name, tuple(symbols), tuple(self.params[n] for n in self.param_order), body,
-                     tuple(policies), self.lw.module.doc, self.lw.file)
+                     tuple(policies), self.lw.module.doc, self.lw.file, tuple(self.schedules))
 
 
 def apply_site_attrs(region: Region, site_attrs: dict[str, dict]) -> Region:

@@ -381,6 +381,9 @@ class ToAst(Transformer):
         a, k = _split_args(args)
         return A.CacheDecl(kind=str(kind), args=a, kwargs=k, span=self._s(meta))
 
+    def schedule_stmt(self, meta, name, var, var_type, body):
+        return A.ScheduleDecl(name=str(name), var=str(var), var_type=str(var_type), body=body, span=self._s(meta))
+
     def require_stmt(self, meta, cond, msg):
         return A.Require(cond=cond, message=_UNESCAPE.decode(str(msg)) if msg is not None else None,
                          span=self._s(meta))

@@ -248,6 +248,12 @@ class StmtLowering:
             raise self.err("`cache` policies are declared at the top level of an arch", st.span)
         self.al.cache_decls.append((st, scope, frame))
 
+    def s_scheduledecl(self, st: A.ScheduleDecl, scope, frame, kind):
+        if kind != "arch" or scope.parent is not None:
+            raise self.err("`schedule` is declared at the top level of an arch", st.span)
+        from archc.dsl.schedules import lower_schedule
+        self.al.schedules.append(lower_schedule(self.al, st, scope))
+
     def s_require(self, st: A.Require, scope, frame, kind):
         v = self.al.static(st.cond, scope, frame, "a requirement")
         if v.kind != "bool":

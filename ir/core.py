@@ -162,6 +162,26 @@ class Policy:
 
 
 @dataclass(frozen=True, slots=True)
+class Schedule:
+    """A function of one training-time variable (progress, supervision step, a uniform draw) that
+    sets architecture parameters and defines values for a training loop; see SPEC.md 'Schedules'.
+
+    `values` are (name, expression) in source order; an expression uses the architecture's
+    parameters and `var` only. A name that is an architecture parameter is an override.
+    """
+
+    name: str
+    var: str
+    kind: str                   # int | float: the variable's kind
+    values: tuple[tuple[str, Any], ...]
+    span: Span | None = field(default=None, compare=False)
+
+    def overrides(self, g: "Graph") -> tuple[str, ...]:
+        params = {s.name for s in g.symbols if s.kind != "dim"}
+        return tuple(k for k, _ in self.values if k in params)
+
+
+@dataclass(frozen=True, slots=True)
 class Symbol:
     """An architecture parameter (compile-time, overridable) or a free dimension (runtime)."""
 
@@ -179,6 +199,7 @@ class Graph:
     policies: tuple[Policy, ...] = ()
     doc: str = ""
     source_file: str = ""
+    schedules: tuple[Schedule, ...] = ()
 
     @property
     def inputs(self) -> tuple[Value, ...]:

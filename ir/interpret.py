@@ -104,6 +104,24 @@ class Env:
         return v
 
 
+# -- schedules -------------------------------------------------------------------------------------
+
+
+def schedule_values(g: Graph, name: str, x, bindings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every value of schedule `name` at variable value `x` (parameters at `bindings`), in order.
+
+    Names that are architecture parameters are overrides: pass them back as bindings (or call
+    `GraphModule.apply_schedule`) to run the model under the schedule.
+    """
+    sched = next((s for s in g.schedules if s.name == name), None)
+    if sched is None:
+        raise ArchError(f"`{g.name}` has no schedule `{name}`; schedules: "
+                        + (", ".join(s.name for s in g.schedules) or "none"))
+    env = Env({**resolve_bindings(g, bindings), sched.var: int(x) if sched.kind == "int" else float(x)})
+    kinds = {s.name: s.kind for s in g.symbols}
+    return {k: _py(env.eval(v), kinds.get(k, "value")) for k, v in sched.values}
+
+
 # -- parameters ----------------------------------------------------------------------------------
 
 
@@ -511,3 +529,10 @@ class GraphModule(torch.nn.Module):
 
     def forward(self, seed: int | None = None, **inputs) -> dict[str, torch.Tensor]:
         return run(self.graph, self.param_dict(), inputs, self.bindings, training=self.training, seed=seed)
+
+    def apply_schedule(self, name: str, x) -> dict[str, Any]:
+        """Evaluate schedule `name` at `x`, set the parameters it overrides, return all its values."""
+        values = schedule_values(self.graph, name, x, self.bindings)
+        params = {s.name for s in self.graph.symbols if s.kind != "dim"}
+        self.bindings.update({k: v for k, v in values.items() if k in params})
+        return values

@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable
 
 from archc.errors import ArchError, Span
-from archc.ir.core import Graph, Node, Param, Policy, Region, Symbol, Value
+from archc.ir.core import Graph, Node, Param, Policy, Region, Schedule, Symbol, Value
 from archc.ir.ops import Op
 from archc.ir.shapes import DType, TensorType, parse_expr
 
@@ -159,11 +159,13 @@ class _Parser:
         self.scopes, self.defined = [set()], set()
         params: list[Param] = []
         policies: list[Policy] = []
+        schedules: list[Schedule] = []
         inputs: list[Value] = []
         nodes: list[Node] = []
         line_kinds: dict[str, Callable[[_Cursor], None]] = {
             "param": lambda c: params.append(self.param(c, params)),
             "policy": lambda c: policies.append(self.policy(c)),
+            "schedule": lambda c: schedules.append(self.schedule(c, schedules)),
             "input": lambda c: inputs.append(self.input(c)),
         }
         while True:
@@ -181,7 +183,7 @@ class _Parser:
         c.expect("}", "closing the graph")
         c.end()
         body = Region(tuple(inputs), tuple(nodes), tuple(results))
-        return Graph(name, tuple(symbols), tuple(params), body, tuple(policies))
+        return Graph(name, tuple(symbols), tuple(params), body, tuple(policies), schedules=tuple(schedules))
 
     def symbol(self, c: _Cursor) -> Symbol:
         name, _ = c.match(_IDENT, "a symbol name")
@@ -223,6 +225,22 @@ class _Parser:
         if not isinstance(targets, tuple) or not all(isinstance(t, str) for t in targets):
             raise c.error("policy targets must be a list of strings", start, c.pos)
         return Policy(kind, targets, tuple(args[1:]), self.line_span(c, start))
+
+    def schedule(self, c: _Cursor, seen: list[Schedule]) -> Schedule:
+        c.keyword("schedule")
+        name, start = c.match(_IDENT, "a schedule name")
+        if any(s.name == name for s in seen):
+            raise c.error(f"duplicate schedule {name!r}", start, c.pos)
+        c.expect("(", "after the schedule name")
+        var, _ = c.match(_IDENT, "the schedule's variable")
+        c.expect(":", "after the schedule's variable")
+        kind, kstart = c.match(_IDENT, "int or float")
+        if kind not in ("int", "float"):
+            raise c.error(f"a schedule's variable is int or float, got {kind!r}", kstart, c.pos)
+        c.expect(")", "closing the schedule's variable")
+        values = self.pairs(c, "{", "}")
+        c.end()
+        return Schedule(name, var, kind, tuple(values), self.line_span(c, start))
 
     def input(self, c: _Cursor) -> Value:
         c.keyword("input")

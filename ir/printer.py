@@ -3,6 +3,7 @@
     graph Name(d: int = 64, ...) dims(B, T) {
       param @embed.weight : f32[vocab, d] init=normal(std=1.0)
       policy share_kv(targets=["core.attn"], across="recursion")
+      schedule curriculum(progress: float) {n_r=<Piecewise((2, progress < 0.5), (3, True))>}
       input %tokens : i64[B, T]
       %x = embedding(%tokens, %w) : f32[B, T, d]
       %y = loop(%x) {trips=<n_r>, var="r"} : f32[B, T, d] {
@@ -24,7 +25,7 @@ from typing import Any
 
 import sympy
 
-from archc.ir.core import Graph, Node, Param, Policy, Region, Symbol
+from archc.ir.core import Graph, Node, Param, Policy, Region, Schedule, Symbol
 from archc.ir.shapes import expr_str
 
 
@@ -78,6 +79,10 @@ def policy_str(p: Policy) -> str:
     return f"policy {p.kind}(" + ", ".join(f"{k}={attr_str(v)}" for k, v in items) + ")"
 
 
+def schedule_str(s: Schedule) -> str:
+    return f"schedule {s.name}({s.var}: {s.kind})" + attrs_str(s.values)
+
+
 def node_lines(n: Node, indent: str) -> list[str]:
     outs = ", ".join(f"%{o.name}" for o in n.outputs)
     ins = ", ".join(f"%{i}" for i in n.inputs)
@@ -114,6 +119,8 @@ def print_graph(g: Graph) -> str:
         lines.append("  " + param_str(p))
     for p in g.policies:
         lines.append("  " + policy_str(p))
+    for s in g.schedules:
+        lines.append("  " + schedule_str(s))
     for a in g.body.args:
         lines.append(f"  input %{a.name} : {a.type}")
     for n in g.body.nodes:

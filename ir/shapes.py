@@ -101,12 +101,16 @@ def dims_equal(a, b, bindings: dict | None = None) -> bool | None:
 
 # --- a small, eval-free parser for expression text (IR files and `archc cost --set`) -------------
 
-_TOKEN = re.compile(r"\s*(?:(\d+\.\d*(?:e[+-]?\d+)?|\d+e[+-]?\d+|\d+)|([A-Za-z_][A-Za-z_0-9]*)|(\*\*|//|[-+*/(),%]))")
+_TOKEN = re.compile(r"\s*(?:(\d+\.\d*(?:e[+-]?\d+)?|\d+e[+-]?\d+|\d+)|([A-Za-z_][A-Za-z_0-9]*)"
+                    r"|(\*\*|//|<=|>=|==|!=|[-+*/(),%<>&|~]))")
 _FUNCS = {
     "ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min,
     "Mod": sympy.Mod, "sqrt": sympy.sqrt, "log": sympy.log, "exp": sympy.exp,
+    "Eq": sympy.Eq, "Ne": sympy.Ne,
 }
 _CONSTS = {"oo": sympy.oo, "inf": sympy.oo, "nan": sympy.nan}   # every other name is a symbol (E = experts)
+_RELATIONS = {"<": sympy.StrictLessThan, "<=": sympy.LessThan, ">": sympy.StrictGreaterThan,
+              ">=": sympy.GreaterThan}
 
 
 class ExprSyntaxError(ValueError):
@@ -179,6 +183,8 @@ class _ExprParser:
         if kind == "num":
             return sympy.Float(val) if ("." in val or "e" in val) else sympy.Integer(int(val))
         if kind == "name":
+            if val == "Piecewise" and self.peek() == ("op", "("):
+                return self.piecewise()
             if self.peek() == ("op", "("):
                 if val not in _FUNCS:
                     raise ExprSyntaxError(f"unknown function {val!r} in expression {self.text!r}")
@@ -197,3 +203,57 @@ class _ExprParser:
             self.take(")")
             return e
         raise ExprSyntaxError(f"unexpected {val!r} in expression {self.text!r}")
+
+    # Piecewise((value, condition), ...): the printed form of `where` on compile-time values
+    def piecewise(self):
+        self.take("(")
+        pieces = [self.piece()]
+        while self.peek() == ("op", ","):
+            self.take()
+            pieces.append(self.piece())
+        self.take(")")
+        return sympy.Piecewise(*pieces)
+
+    def piece(self):
+        self.take("(")
+        value = self.sum()
+        self.take(",")
+        cond = self.condition()
+        self.take(")")
+        return (value, cond)
+
+    def condition(self):
+        e = self.conjunction()
+        while self.peek() == ("op", "|"):
+            self.take()
+            e = sympy.Or(e, self.conjunction())
+        return e
+
+    def conjunction(self):
+        e = self.literal()
+        while self.peek() == ("op", "&"):
+            self.take()
+            e = sympy.And(e, self.literal())
+        return e
+
+    def literal(self):
+        if self.peek() == ("op", "~"):
+            self.take()
+            return sympy.Not(self.literal())
+        if self.peek() in (("name", "True"), ("name", "False")):
+            return sympy.true if self.take()[1] == "True" else sympy.false
+        start = self.i
+        try:                                   # a relation `a < b`, whose left side may be parenthesised
+            left = self.sum()
+        except ExprSyntaxError:
+            left = None
+        if left is not None and self.peek()[0] == "op" and self.peek()[1] in _RELATIONS:
+            op = self.take()[1]
+            return _RELATIONS[op](left, self.sum())
+        if isinstance(left, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational)):
+            return left                        # Eq(a, b), Ne(a, b)
+        self.i = start                         # a parenthesised condition
+        self.take("(")
+        e = self.condition()
+        self.take(")")
+        return e

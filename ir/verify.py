@@ -46,7 +46,27 @@ class _Verifier:
             unknown = _free_symbols((p.type, p.copies)) - self.symbols
             if unknown:
                 raise self.fail(f"parameter @{p.name} uses unknown symbol {sorted(unknown)[0]!r}", span=p.span)
+        self.schedules()
         self.region(self.g.body, [], (), None)
+
+    def schedules(self) -> None:
+        """A schedule reads the architecture's parameters and its own variable; dims are run-time only."""
+        params = {s.name for s in self.g.symbols if s.kind != "dim"}
+        names: set[str] = set()
+        for s in self.g.schedules:
+            if s.name in names:
+                raise self.fail(f"schedule {s.name!r} is defined twice", span=s.span)
+            names.add(s.name)
+            if s.var in self.symbols:
+                raise self.fail(f"schedule {s.name!r}: its variable {s.var!r} is also a graph symbol", span=s.span)
+            keys = [k for k, _ in s.values]
+            if not keys or len(set(keys)) != len(keys):
+                raise self.fail(f"schedule {s.name!r} must set distinct names, at least one", span=s.span)
+            for k, v in s.values:
+                unknown = _free_symbols(v) - params - {s.var}
+                if unknown:
+                    raise self.fail(f"schedule {s.name!r}: `{k}` uses {sorted(unknown)[0]!r}, which is neither a "
+                                    f"parameter nor the variable {s.var!r}", span=s.span)
 
     # -- scopes ------------------------------------------------------------------------------
 
