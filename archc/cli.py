@@ -215,3 +215,19 @@ def passes_cmd():
 
 if __name__ == "__main__":
     main()
+
+
+@main.command(name="bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench_cmd(ctx):
+    """Run the CPU benchmark suite (python -m bench; --smoke, --only, --out, --repeat)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "suite.py").is_file():
+        click.echo("error: the benchmark suite lives in the archc source checkout (bench/), which this "
+                   "installation does not have\n  hint: clone the repository and `pip install -e .`, then "
+                   "run `archc bench` there", err=True)
+        sys.exit(1)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.suite import main as bench_main
+    sys.exit(bench_main(list(ctx.args)))

@@ -38,10 +38,8 @@ def predicted(src, arch, T, **over) -> float:
     return cost(g).evaluate({"B": 1, "T": T, **over})["kv_cache_bytes"]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompt", type=int, default=1024)
-    T = ap.parse_args().prompt
+def measure(T: int) -> list[tuple[str, str, int, float, float]]:
+    """(model, policy, measured bytes, ratio to the model's baseline, cost-model bytes) per row."""
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (1, T))
     rows = []
@@ -64,6 +62,14 @@ def main():
                 t0 = nb
             rows.append(("ThinK decoder (4 layers)", f"prune_key_channels ratio={ratio}", nb, nb / t0,
                          predicted(stdlib.path("think"), "ThinK", T, ratio=ratio)))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", type=int, default=1024)
+    T = ap.parse_args().prompt
+    rows = measure(T)
     lines = [f"# Decode-cache bytes after a {T}-token prompt (batch 1, fp32)", "",
              f"machine: {platform.machine()}, torch {torch.__version__}", "",
              "| model | policy | measured bytes | ratio to baseline | cost model predicts |", "|---|---|---|---|---|"]

@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = measure(args.repeat)
-    lines = [f"# Interpreter forward+backward (batch 2, default sizes)", "",
+    lines = ["# Interpreter forward+backward (batch 2, default sizes)", "",
              f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
              f"python {platform.python_version()}", "",
              "| model | T | first call (s) | median of warm calls (s) | within 2 s |", "|---|---|---|---|---|"]
