@@ -22,6 +22,12 @@ def test_first_eight_present():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_index_names_every_file(name):
+    index = (Path(stdlib.__file__).parent / "README.md").read_text()
+    assert f"`{name}.arch`" in index, f"add {name}.arch to stdlib/README.md"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_file_starts_with_paper_title(name):
     lines = stdlib.source(name).splitlines()
     assert lines[0].startswith("# ") and len(lines[0]) > 10

@@ -1,0 +1,79 @@
+"""Parity with public reference implementations (PyPI, test-only dependencies), weights copied.
+
+Each test builds the reference module, copies archc's randomly initialised weights into it (or
+the reverse), runs both on the same inputs and compares outputs, final states and gradients.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import archc.stdlib as stdlib
+from archc.ir.interpret import init_params, run
+
+# -- TRM: lucidrains' tiny-recursive-model -----------------------------------------------------------
+
+
+def _rope(x):
+    """Half-split rotary embedding on [B, T, H, D], positions 0..T-1, base 10000 (as TRM's)."""
+    T, D = x.shape[1], x.shape[-1]
+    freq = 10000.0 ** (-torch.arange(D // 2, dtype=x.dtype) * 2 / D)
+    ang = torch.arange(T, dtype=x.dtype)[:, None] * freq
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class _PostNormNet(torch.nn.Module):
+    """TRM's network written directly in torch: 2 post-norm layers (attention + SwiGLU, weightless RMSNorm)."""
+
+    def __init__(self, params, heads, eps):
+        super().__init__()
+        self.w = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(v.detach().clone())
+                                         for k, v in params.items() if k.startswith("net.")})
+        self.heads, self.eps = heads, eps
+
+    def norm(self, h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        for i in (0, 1):
+            w = lambda name: self.w[f"net_layer{i}_{name}_weight"]     # noqa: E731
+            heads = lambda t: t.unflatten(-1, (self.heads, -1))       # noqa: E731
+            q, k, v = _rope(heads(x @ w("attn_q").T)), _rope(heads(x @ w("attn_k").T)), heads(x @ w("attn_v").T)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            x = self.norm(x + a.transpose(1, 2).flatten(-2) @ w("attn_o").T)
+            mlp = (F.silu(x @ w("mlp_gate").T) * (x @ w("mlp_up").T)) @ w("mlp_down").T
+            x = self.norm(x + mlp)
+        return x
+
+
+def test_trm_matches_tiny_recursive_model():
+    trm_pkg = pytest.importorskip("tiny_recursive_model")
+    (g,) = stdlib.graphs("trm")
+    b = {"vocab": 10, "d": 16, "heads": 2, "h_cycles": 3, "l_cycles": 2}
+    p = {k: v.requires_grad_() for k, v in init_params(g, b, seed=0).items()}
+    torch.manual_seed(0)
+    ref = trm_pkg.TinyRecursiveModel(dim=16, num_tokens=10, network=_PostNormNet(p, 2, 1e-5),
+                                     num_refinement_blocks=3, num_latent_refinements=2)
+    with torch.no_grad():
+        ref.input_embed.weight.copy_(p["embed.weight"] * math.sqrt(16))   # TRM scales embeddings by sqrt(d)
+        ref.to_pred.weight.copy_(p["head.weight"])
+    tokens = torch.randint(0, 10, (2, 6))
+    z = torch.zeros(2, 6, 16)
+    out = run(g, p, {"tokens": tokens, "z_h": z, "z_l": z, "reset": torch.ones(2, dtype=torch.bool)}, b)
+    y0, z0 = p["h_init"].detach().expand(2, 6, 16), p["l_init"].detach().expand(2, 6, 16)
+    outputs, latents, pred, _ = ref(tokens, y0, z0)
+    torch.testing.assert_close(out["logits"], pred, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["next_z_h"], outputs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["next_z_l"], latents, atol=1e-5, rtol=1e-4)
+    # gradients: only the last of the h_cycles refinement blocks is differentiated, in both
+    out["logits"].pow(2).mean().backward()
+    pred.pow(2).mean().backward()
+    for name, rp in ref.network.w.items():           # net_layer0_attn_q_weight -> net.layer0.attn.q.weight
+        torch.testing.assert_close(p[name.replace("_", ".")].grad, rp.grad, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(p["embed.weight"].grad, ref.input_embed.weight.grad * math.sqrt(16), atol=1e-5,
+                               rtol=1e-3)
+    torch.testing.assert_close(p["head.weight"].grad, ref.to_pred.weight.grad, atol=1e-5, rtol=1e-3)
+
