@@ -52,6 +52,13 @@ FULL = [
     Case("hrm", {"d": 128}, batch=8, seq=81),
     Case("titans", {"d": 128, "seg": 32}, batch=4, seq=256),
 ]
+# On a GPU (`--device cuda`): sizes where kernels, not launches, dominate.
+GPU = [
+    Case("depth_recurrent", {"d": 256, "steps": 8}, batch=64, seq=64),
+    Case("mor", {"d": 256, "n_r": 3}, batch=16, seq=1024),
+    Case("hrm", {"d": 256}, batch=64, seq=81),
+    Case("titans", {"d": 256, "seg": 64}, batch=16, seq=512),
+]
 SMOKE = [
     Case("depth_recurrent", {"steps": 2}, batch=2, seq=8),
     Case("mor", {}, batch=2, seq=16),
@@ -60,13 +67,23 @@ SMOKE = [
 ]
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -96,7 +113,8 @@ def pair(case: Case):
     gen = stdlib.load(case.name, **case.overrides)
     gen = gen() if isinstance(gen, type) else gen
     ref = REFERENCES[case.name](**case.overrides).load_archc_state(gen.state_dict())
-    ins = _inputs(case, g)
+    gen, ref = gen.to(DEVICE), ref.to(DEVICE)
+    ins = {k: v.to(DEVICE) for k, v in _inputs(case, g).items()}
     with torch.no_grad():
         a, b = _floats(gen(**ins)), _floats(ref(**ins))
     if len(a) != len(b):
@@ -189,7 +207,11 @@ def environment(mode: str) -> dict:
     return {"mode": mode, "machine": platform.machine(), "processor": platform.processor() or "?",
             "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "lark": lark.__version__, "archc": archc.__version__ if hasattr(archc, "__version__") else "0.1.0",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device_name()}
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
@@ -206,7 +228,7 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
 def markdown(res: dict) -> str:
     env, s = res["environment"], res["sections"]
     lines = [f"# archc benchmark suite ({env['mode']})", "",
-             f"{env['date']}; {env['machine']} ({env['processor']}), {env['cpus']} torch threads, "
+             f"{env['date']}; {env.get('device', 'cpu')}; {env['machine']} ({env['processor']}), {env['cpus']} torch threads, "
              f"Python {env['python']}, torch {env['torch']}. Median of {res['repeat']} runs after warm-up; "
              "ratios are generated / hand-written (below 1: archc is faster), measured in this one run.", ""]
     if "compile" in s:
@@ -279,10 +301,12 @@ def plot(res: dict, path: Path) -> bool:
 
 def run(smoke: bool = False, out: Path = RESULTS, repeat: int | None = None,
         sections: tuple[str, ...] = ("compile", "eager", "compiled", "onnx", "decode_cache"),
-        log=sys.stderr) -> dict:
+        log=sys.stderr, device: str = "cpu") -> dict:
+    global DEVICE
+    DEVICE = torch.device(device)
     mode = "smoke" if smoke else "full"
     repeat = repeat or (1 if smoke else 5)
-    cases = SMOKE if smoke else FULL
+    cases = SMOKE if smoke else (GPU if DEVICE.type == "cuda" else FULL)
     res = {"environment": environment(mode), "repeat": repeat, "sections": {}}
     steps = {
         "compile": lambda: bench_compile(repeat, warmup=0 if smoke else 1, limit=2 if smoke else None),
@@ -298,6 +322,8 @@ def run(smoke: bool = False, out: Path = RESULTS, repeat: int | None = None,
         print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=log, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     stem = "suite" if not smoke else "suite_smoke"
+    if DEVICE.type == "cuda":
+        stem += "_" + "".join(c if c.isalnum() else "_" for c in _device_name()).strip("_").lower()
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
     (out / f"{stem}.md").write_text(markdown(res) + "\n")
     res["plot"] = plot(res, out / f"{stem}.png")
@@ -309,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="each benchmark once, tiny sizes")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where to write suite.{json,md,png}")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (median)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: GPU-sized cases, results named after the card")
     ap.add_argument("--only", default=None, help="comma-separated sections: compile,eager,compiled,onnx,decode_cache")
     a = ap.parse_args(argv)
     sections = tuple(a.only.split(",")) if a.only else ("compile", "eager", "compiled", "onnx", "decode_cache")
-    res = run(a.smoke, a.out, a.repeat, sections)
+    res = run(a.smoke, a.out, a.repeat, sections, device=a.device)
     print(markdown(res))
     return 0
