@@ -63,6 +63,7 @@ import types as _types
 from dataclasses import dataclass as _dataclass
 
 _MODULE_CACHE: dict[str, _types.ModuleType] = {}
+TARGETS = ("torch", "triton")
 
 
 @_dataclass(frozen=True)
@@ -76,40 +77,52 @@ class Compiled:
 
 def compile(path_or_source: str | Path, target: str = "torch",  # noqa: A001 - the API's name
             optimize=None) -> Compiled:
-    """Check a .arch file, apply `optimize` (a Graph -> Graph pipeline) to each graph, generate code for `target`."""
-    if target != "torch":
+    """Check a .arch file, apply `optimize` (a Graph -> Graph pipeline) to each graph, generate code for `target`.
+
+    `target="triton"` also runs the `fuse-elementwise` pass last (it is idempotent), so that the
+    module's fusion regions become generated kernels whatever pipeline was asked for.
+    """
+    if target not in TARGETS:
         from archc.errors import ArchError
-        raise ArchError(f"unknown target {target!r}; available: torch")
-    from archc.backends.torch import generate
+        raise ArchError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
     graphs = check(path_or_source)
     if optimize is not None:
         graphs = [optimize(g) for g in graphs]
+    if target == "triton":
+        from archc.backends.triton.emit import generate
+        from archc.passes.fuse_elementwise import fuse_elementwise
+        graphs = [fuse_elementwise(g) for g in graphs]
+    else:
+        from archc.backends.torch import generate
     src, name = _read(path_or_source)
     gen = generate(graphs, source_file=name if name != "<string>" else "")
     return Compiled(gen.source, tuple(graphs), target)
 
 
-def load_module(path_or_source: str | Path) -> _types.ModuleType:
-    """The generated PyTorch module for a source, compiled in memory, cached on its content hash."""
+def load_module(path_or_source: str | Path, target: str = "torch") -> _types.ModuleType:
+    """The generated module for a source and target, compiled in memory, cached on its content hash."""
     src, name = _read(path_or_source)
     raw = src if isinstance(src, bytes) else src.encode()
-    key = _hashlib.sha256(raw + name.encode()).hexdigest()[:16]
+    key = _hashlib.sha256(raw + name.encode() + target.encode()).hexdigest()[:16]
     if key not in _MODULE_CACHE:
-        code = compile(path_or_source).source
-        filename = f"<archc:{Path(name).name}:{key}>"
-        mod = _types.ModuleType(f"archc_generated_{key}")
-        mod.__file__ = filename
-        # register the source so tracebacks and inspect show the generated lines
-        _linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        exec(__builtins__["compile"](code, filename, "exec") if isinstance(__builtins__, dict)
-             else __import__("builtins").compile(code, filename, "exec"), mod.__dict__)
-        _MODULE_CACHE[key] = mod
+        code = compile(path_or_source, target=target).source
+        _MODULE_CACHE[key] = exec_module(code, f"<archc:{Path(name).name}:{key}>", f"archc_generated_{key}")
     return _MODULE_CACHE[key]
 
 
-def load(path_or_source: str | Path, arch: str | None = None, **overrides):
-    """The generated nn.Module class of one architecture; with overrides, an instance."""
-    mod = load_module(path_or_source)
+def exec_module(code: str, filename: str, module_name: str) -> _types.ModuleType:
+    """Execute generated source as a module whose source `inspect` can read (Triton's jit needs it)."""
+    mod = _types.ModuleType(module_name)
+    mod.__file__ = filename
+    # register the source so tracebacks and inspect show the generated lines
+    _linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    exec(__import__("builtins").compile(code, filename, "exec"), mod.__dict__)
+    return mod
+
+
+def load(path_or_source: str | Path, arch: str | None = None, target: str = "torch", **overrides):
+    """The generated nn.Module class of one architecture (`target` torch or triton); with overrides, an instance."""
+    mod = load_module(path_or_source, target)
     graphs = [g for g in check(path_or_source)] if arch is None else None
     names = [g.name for g in graphs] if graphs is not None else [arch]
     if arch is None:

@@ -166,8 +166,9 @@ def graph(file, output, arch):
 
 @main.command(name="compile")
 @click.argument("file")
-@click.option("--target", type=click.Choice(["torch"]), default="torch", show_default=True,
-              help="What to generate.")
+@click.option("--target", type=click.Choice(["torch", "triton"]), default="torch", show_default=True,
+              help="What to generate: a PyTorch module, or one whose fusion regions and kernel families call "
+                   "generated Triton kernels.")
 @click.option("-o", "--output", help="Where to write the result (default: standard output).")
 @_pass_options("O1")
 @_diagnostics
@@ -200,6 +201,35 @@ def cost(file, sets, arch):
             raise ArchError(f"`{g.name}` has no symbol {', '.join(unknown)}; symbols: " + ", ".join(sorted(known)))
         click.echo(f"== {g.name}")
         click.echo(cost_of(g).table(bindings))
+
+
+@main.command()
+@click.argument("file", required=False)
+@click.option("--arch", help="Only this architecture of the file.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+              help="Bind an architecture parameter or a dim (d=1024, B=8, T=2048) for the shapes tuned.")
+@click.option("--show", is_flag=True, help="Print the cached configurations and exit.")
+@click.option("--clear", is_flag=True, help="Delete the autotuning cache files and exit.")
+@click.option("--backward/--no-backward", default=True, show_default=True, help="Also tune the backward kernels.")
+@_diagnostics
+def autotune(file, arch, sets, show, clear, backward):
+    """Benchmark every generated kernel's configurations on this GPU; cache the best per shape bucket."""
+    from archc.backends.triton import autotune as tune
+    if show:
+        tune.show(click.echo)
+        return
+    if clear:
+        d = tune.cache_dir()
+        files = sorted(d.glob("*.json")) if d.exists() else []
+        for f in files:
+            f.unlink()
+        click.echo(f"removed {len(files)} cache file(s) from {d}")
+        return
+    if file is None:
+        raise ArchError("archc autotune needs a FILE (or --show / --clear)")
+    _read(file)
+    from archc.backends.triton.tuning import tune_file
+    tune_file(file, arch, _bindings(sets), backward, click.echo)
 
 
 @main.command(name="passes")

@@ -85,11 +85,11 @@ def state_key(path: str) -> str:
 class _Emitter:
     """Emits the body of one `forward`."""
 
-    def __init__(self, g: Graph, cached: bool = False):
+    def __init__(self, g: Graph, cached: bool = False, taken=()):
         self.g = g
         self.cached = cached              # emit the K/V-cached incremental step instead of forward
         self.loops: list[tuple[str, str]] = []   # enclosing loops: (IR loop variable, Python name)
-        self.ns = Namespace()
+        self.ns = Namespace(taken)        # `taken`: module globals another backend adds
         self.lines: list[str] = []
         self.inline: dict[str, str] = {}     # const/param value name -> literal or attribute chain
         self.consts: set[str] = set()        # inlined consts (Python scalars)
@@ -498,6 +498,16 @@ def _scan(em: _Emitter, n: Node, indent: int):
         em.out(f"{o} = torch.{'stack' if st else 'cat'}({p}, dim=1)", indent)
 
 
+def _fused(em: _Emitter, n: Node, indent: int):
+    """A fusion region runs inline under this backend: its yields take the names of its results."""
+    r = n.regions[0]
+    for y, o in zip(r.results, n.outputs):
+        if "val:" + y not in em.ns.map and y not in em.inline:
+            em.ns.map["val:" + y] = em.v(o.name)
+    em.region(r, indent)
+    em.assign_results(list(n.outputs), [em.v(y) for y in r.results], indent)
+
+
 # -- the K/V-cached incremental step (prefill and decode) --------------------------------------------
 
 
@@ -540,7 +550,7 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
 _CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend}
 
 _REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
-                Op.SCAN: _scan, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node}
+                Op.SCAN: _scan, Op.FUSED: _fused, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node}
 
 
 # -- the module ----------------------------------------------------------------------------------------
@@ -716,7 +726,7 @@ def _mentions(lines: list[str], name: str) -> bool:
     return any(pat.search(line) for line in lines)
 
 
-def _decode_methods(g: Graph, runtime: set[str]) -> list[str]:
+def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[str]:
     """prefill/decode for language-model-shaped graphs: K/V-cached when exact, else recompute."""
     from archc.ir.analysis import kv_decode_blocker, lm_token_input
     tok = lm_token_input(g)
@@ -748,7 +758,7 @@ def _decode_methods(g: Graph, runtime: set[str]) -> list[str]:
             f"        return {ret}, cache",
         ]
     runtime |= {"KVCache", "attention"}
-    em = _Emitter(g, cached=True)
+    em = make_emitter(g, cached=True)
     em.uses_kv = False
     step = _forward(g, em)
     runtime |= em.runtime
@@ -796,15 +806,20 @@ def _py_literal(v) -> str:
     raise TypeError(f"cannot write {v!r} into generated code")
 
 
-def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> GeneratedCode:
-    """One standalone module for every architecture in `graphs` (deterministic text)."""
+def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emitter=_Emitter,
+             imports: tuple[str, ...] = (), prelude: tuple[str, ...] = ()) -> GeneratedCode:
+    """One standalone module for every architecture in `graphs` (deterministic text).
+
+    Another backend reuses this with its own emitter (`make_emitter(g, cached=...)`), extra import
+    lines and module-level source (`prelude`, placed after the runtime functions).
+    """
     classes: list[list[str]] = []
     runtime: set[str] = set()
     uses_math = False
     for g in graphs:
-        em = _Emitter(g)
+        em = make_emitter(g)
         fwd = _forward(g, em)
-        cls = _class(g, em) + [""] + fwd + _schedule_methods(g, em) + _decode_methods(g, runtime)
+        cls = _class(g, em) + [""] + fwd + _schedule_methods(g, em) + _decode_methods(g, runtime, make_emitter)
         runtime |= em.runtime
         uses_math |= em.uses_math or any("math." in line for line in cls)
         classes.append(cls)
@@ -816,7 +831,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
     out += ['"""']
     if uses_math or runtime & {"attention"}:
         out += ["import math", ""]
-    out += ["import torch", "import torch.nn.functional as F", "from torch import nn"]
+    out += ["import torch", "import torch.nn.functional as F", *imports, "from torch import nn"]
     if runtime & {"mlp_memory", "memory_write"}:
         runtime.add("mlp_memory")
         out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
@@ -826,6 +841,8 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "") -> Gener
         runtime.add("repeat_kv")
     for fn in sorted(runtime, key=_runtime_order):
         out += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
+    for text in prelude:
+        out += ["", "", text.rstrip()]
     out += [""] + _HELPERS.rstrip().splitlines()
     for cls in classes:
         out += ["", ""] + cls

@@ -331,7 +331,8 @@ def _region(r: Region, types: Types, ctx: _Ctx) -> _Tally:
 def _node(n: Node, types: Types, ctx: _Ctx) -> _Tally:
     ins = [types[i] for i in n.inputs]
     outs = [o.type for o in n.outputs]
-    act = ZERO if n.op is Op.PARAM else sum((numel(t) * DTYPE_BYTES[t.dtype] for t in outs), ZERO)
+    # a fused region's results are counted where its body defines them
+    act = ZERO if n.op in (Op.PARAM, Op.FUSED) else sum((numel(t) * DTYPE_BYTES[t.dtype] for t in outs), ZERO)
     if n.op in REGIONS:
         return REGIONS[n.op](n, ins, outs, types, ctx) + _Tally(act=act)
     here = _Tally(FLOPS[n.op](n, ins, outs), act)
@@ -396,9 +397,15 @@ def _scan(n, ins, outs, types, ctx) -> _Tally:
     return body.scale(segments)
 
 
+def _fused(n, ins, outs, types, ctx) -> _Tally:
+    """A fusion region costs what its body costs: the model counts FLOPs and values, not memory traffic."""
+    return _region(n.regions[0], types, ctx)
+
+
 RegionRule = Callable[[Node, list, list, Types, _Ctx], _Tally]
 REGIONS: dict[Op, RegionRule] = {
     Op.LOOP: _loop, Op.HALT_LOOP: _loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask, Op.SCAN: _scan,
+    Op.FUSED: _fused,
 }
 
 

@@ -511,6 +511,12 @@ def _scan(it, n, ins, vals):
     return carries + results
 
 
+@impl(Op.FUSED)
+def _fused(it, n, ins, vals):
+    """A fusion region means exactly its body (the Triton backend runs it as one kernel)."""
+    return it.run_region(n.regions[0], [], vals)
+
+
 # -- a trainable wrapper ---------------------------------------------------------------------------
 
 

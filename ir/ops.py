@@ -1,7 +1,7 @@
 """Every IR op, declared once: its group, arity, attributes, shape rule and a one-line summary.
 
 The verifier, the interpreter's coverage test, the printer and SPEC.md's op list all read OPS.
-Region ops (loop, halt_loop, route_topk, route_mask, scan) get their result types from their
+Region ops (loop, halt_loop, route_topk, route_mask, scan, fused) get their result types from their
 region's yields; their rule checks the carried types agree.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Op(Enum):
     BANK_PUSH = "bank_push"; BANK_VALID = "bank_valid"
     # -- regions -----------------------------------------------------------------------------
     LOOP = "loop"; HALT_LOOP = "halt_loop"; ROUTE_TOPK = "route_topk"; ROUTE_MASK = "route_mask"
-    SCAN = "scan"
+    SCAN = "scan"; FUSED = "fused"
 
 
 class Group(Enum):
@@ -495,6 +495,9 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
       "run the region on each sample's masked tokens, scatter back (gated)", regions=1),
     D(Op.SCAN, Group.REGION, (1, -1), ("size", "stacked"), None,
       "run the region over consecutive segments of the first operand, carrying state", regions=1, required=("size",)),
+    D(Op.FUSED, Group.REGION, (0, 0), (), None,
+      "a fusion region: elementwise, normalisation and residual ops run as one kernel; results are the yields",
+      regions=1),
 ]}
 
 def attend_operands(node, ins: list):
@@ -509,3 +512,5 @@ UNARY_OPS = frozenset(o for o, d in OPS.items() if d.group is Group.UNARY)
 BINARY_OPS = frozenset(o for o, d in OPS.items() if d.group in (Group.BINARY, Group.COMPARE))
 REGION_OPS = frozenset(o for o, d in OPS.items() if d.group is Group.REGION)
 ELEMENTWISE_OPS = UNARY_OPS | BINARY_OPS
+NORM_OPS = frozenset(o for o, d in OPS.items() if d.group is Group.NORM)   # over the last axis
+FUSIBLE_OPS = ELEMENTWISE_OPS | NORM_OPS      # what a `fused` region may hold (SPEC §19)

@@ -7,7 +7,7 @@ import sympy
 
 from archc.errors import ArchError, Span
 from archc.ir.core import Graph, Node, Region
-from archc.ir.ops import OPS, Op, ShapeError
+from archc.ir.ops import FUSIBLE_OPS, OPS, Op, ShapeError
 from archc.ir.printer import node_lines
 from archc.ir.shapes import BOOL, I64, TensorType, dims_equal, sym
 
@@ -250,6 +250,19 @@ def _scan_exit(v: _Verifier, n: Node) -> None:
             raise v.fail(f"scan result #{i} {out} is not the {'stacked' if extra else 'concatenated'} yield {y}", n)
 
 
+def _fused_entry(v: _Verifier, n: Node) -> None:
+    r = n.regions[0]
+    if r.args:
+        raise v.fail(f"fused region takes no arguments, got {len(r.args)}", n)
+    for m in r.nodes:
+        if m.op not in FUSIBLE_OPS:
+            raise v.fail(f"fused region may hold only elementwise and normalisation ops, not `{m.op.value}`", n)
+
+
+def _fused_exit(v: _Verifier, n: Node) -> None:
+    v.expect_types(n, "results", _outs(n), v.yields(n))
+
+
 def _param(v: _Verifier, n: Node) -> None:
     p = v.params.get(n.attr("ref"))
     if p is None:
@@ -263,9 +276,9 @@ def _param(v: _Verifier, n: Node) -> None:
 Check = Callable[[_Verifier, Node], None]
 _ENTRY: dict[Op, Check] = {
     Op.LOOP: _loop_entry, Op.HALT_LOOP: _loop_entry, Op.ROUTE_TOPK: _route_entry, Op.ROUTE_MASK: _route_entry,
-    Op.SCAN: _scan_entry,
+    Op.SCAN: _scan_entry, Op.FUSED: _fused_entry,
 }
 _EXIT: dict[Op, Check] = {
     Op.LOOP: _loop_exit, Op.HALT_LOOP: _halt_loop_exit, Op.ROUTE_TOPK: _route_exit, Op.ROUTE_MASK: _route_exit,
-    Op.SCAN: _scan_exit, Op.PARAM: _param,
+    Op.SCAN: _scan_exit, Op.PARAM: _param, Op.FUSED: _fused_exit,
 }

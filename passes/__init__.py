@@ -16,6 +16,7 @@ from archc.ir.core import Graph
 from archc.passes.const_fold import const_fold
 from archc.passes.cse import cse
 from archc.passes.dce import dce
+from archc.passes.fuse_elementwise import fuse_elementwise
 from archc.passes.simplify_shapes import simplify_shapes
 
 Pass = Callable[[Graph], Graph]
@@ -25,13 +26,14 @@ PASSES: dict[str, Pass] = {
     "const-fold": const_fold,
     "cse": cse,
     "dce": dce,
+    "fuse-elementwise": fuse_elementwise,
 }
 
 CLEANUP = ("simplify-shapes", "const-fold", "cse", "dce")
 PRESETS: dict[str, tuple[str, ...]] = {
     "O0": (),
     "O1": CLEANUP,
-    "O2": CLEANUP,
+    "O2": CLEANUP + ("fuse-elementwise",),
 }
 
 

@@ -1,0 +1,110 @@
+"""`--target triton`: the PyTorch module of `backends/torch.py` whose hot regions call generated kernels.
+
+The module is the torch backend's module (same class, parameters, state_dict, decoding), except:
+
+* every `fused` region (from the `fuse-elementwise` pass) becomes one call of its generated
+  launcher (`fused.generate`): forward and backward Triton kernels behind a
+  `torch.autograd.Function`;
+* every node some kernel family matches (`archc.backends.triton.families`, see kernel.py)
+  becomes a call of that family's launcher, in the full forward (the K/V-cached decode step keeps
+  the torch path for everything but fused regions: its attention reads the cache);
+* everything else stays torch.
+
+Kernel sources are pasted in once each (deduplicated by name), after the runtime helpers. The
+module imports torch, triton, triton.language and `archc.backends.triton.autotune` (the per-GPU
+configuration cache). Families are discovered at generation time: modules of the `families`
+package exporting FAMILY, matches, generate and call, tried in module-name order.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from dataclasses import dataclass, field
+
+from archc.backends.torch import GeneratedCode, _Emitter, generate as torch_generate
+from archc.backends.triton import fused as fused_gen
+from archc.backends.triton import runtime as triton_runtime
+from archc.backends.triton.kernel import KernelSource
+from archc.ir.core import Graph, Node
+from archc.ir.ops import Op
+
+IMPORTS = ("import triton", "import triton.language as tl", "from archc.backends.triton import autotune as _tune")
+_GLOBALS = {"triton", "tl", "_tune", "rows_view", "rows_cols"}
+
+
+def families() -> list:
+    """The kernel-family modules present, in module-name order."""
+    from archc.backends.triton import families as pkg
+    found = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if all(hasattr(mod, a) for a in ("FAMILY", "matches", "generate", "call")):
+            found.append(mod)
+    return found
+
+
+@dataclass
+class Plan:
+    """Which kernel each node uses, decided before any code is emitted (so names are reserved)."""
+
+    kernels: dict[str, KernelSource] = field(default_factory=dict)      # by launcher name, in order
+    by_node: dict[tuple[str, int], tuple[object, KernelSource]] = field(default_factory=dict)
+
+    def add(self, g: Graph, n: Node, family, ks: KernelSource) -> None:
+        self.kernels.setdefault(ks.name, ks)
+        self.by_node[(g.name, id(n))] = (family, ks)
+
+    def lookup(self, g: Graph, n: Node):
+        return self.by_node.get((g.name, id(n)))
+
+
+def plan(graphs: list[Graph], fams: list | None = None) -> Plan:
+    fams = families() if fams is None else fams
+    p = Plan()
+    for g in graphs:
+        for n in g.walk():
+            if n.op is Op.FUSED:
+                if any(not o.scalar for o in fused_gen.operands(n, g)):
+                    p.add(g, n, fused_gen, fused_gen.generate(n, g))
+                continue
+            for fam in fams:
+                if fam.matches(n, g):
+                    p.add(g, n, fam, fam.generate(n, g))
+                    break
+    return p
+
+
+class TritonEmitter(_Emitter):
+    """The torch emitter with kernel calls for planned nodes."""
+
+    def __init__(self, g: Graph, plan: Plan, cached: bool = False):
+        super().__init__(g, cached=cached, taken=set(plan.kernels) | _GLOBALS |
+                         {f"{k}_fn" for k in plan.kernels})
+        self.plan = plan
+        self.kernels_used: set[str] = set()
+
+    def node(self, n: Node, indent: int):
+        hit = self.plan.lookup(self.g, n)
+        if hit is None or (self.cached and hit[0] is not fused_gen):
+            return super().node(n, indent)
+        family, ks = hit
+        self.kernels_used.add(ks.name)
+        if family is fused_gen:
+            args = [self.v(o.name) for o in fused_gen.operands(n, self.g)]
+            expr = f"{ks.name}({', '.join(args)})"
+        else:
+            expr = family.call(n, ks, [self.v(i) for i in n.inputs])
+        outs = [self.v(o.name) for o in n.outputs]
+        self.out(f"{', '.join(outs)} = {expr}" + ("  # " + ks.doc if ks.doc else ""), indent)
+
+
+def generate(graphs: list[Graph], source_file: str = "", doc: str = "", fams: list | None = None) -> GeneratedCode:
+    """The `--target triton` module for `graphs` (deterministic text)."""
+    p = plan(graphs, fams)
+    runtime = [inspect.getsource(triton_runtime.rows_cols).rstrip(),
+               inspect.getsource(triton_runtime.rows_view).rstrip()]
+    prelude = tuple(runtime + [ks.source for ks in p.kernels.values()])
+    return torch_generate(graphs, source_file, doc,
+                          make_emitter=lambda g, cached=False: TritonEmitter(g, p, cached),
+                          imports=IMPORTS, prelude=prelude)

@@ -1,0 +1,45 @@
+"""Launcher helpers copied by source into every generated Triton module (like `torch_runtime`).
+
+A fused kernel sees its iteration space as R rows of C columns: C is the last axis of the
+region's iteration shape S, R the product of the others. An operand that broadcasts to S is
+addressed as `row * rs + col * cs`; `rows_view` finds (rs, cs) from the strides of the operand
+expanded to S, and makes a contiguous copy only when the leading axes cannot be addressed by one
+row stride (e.g. an operand broadcast over the batch but not over time).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rows_cols(shape) -> tuple[int, int]:
+    """(R, C) of an iteration shape: C is its last axis, R the product of the others."""
+    if len(shape) == 0:
+        return 1, 1
+    rows = 1
+    for d in shape[:-1]:
+        rows *= int(d)
+    return rows, int(shape[-1])
+
+
+def rows_view(t, shape):
+    """(tensor, row stride, column stride, dense) addressing `t` broadcast to `shape` as rows x cols."""
+    if not torch.is_tensor(t) or t.dim() == 0:
+        t = torch.as_tensor(t)
+        return t.reshape(1), 0, 0, False
+    e = t.expand(shape)
+    if len(shape) == 0:
+        return e.reshape(1), 0, 0, False
+    lead, strides = e.shape[:-1], e.stride()[:-1]
+    rs, span, ok = None, 1, True        # need stride == rs * (product of the inner leading sizes)
+    for size, st in zip(reversed(lead), reversed(strides)):
+        if size != 1:
+            if rs is None:
+                rs = st // span
+            ok = ok and st == rs * span
+        span *= size
+    rs = 0 if rs is None else rs
+    if not ok:
+        e = e.contiguous()
+        return e, e.shape[-1], 1, True
+    cs = e.stride()[-1] if e.shape[-1] != 1 else 0
+    return e, rs, cs, (cs == 1 and rs == e.shape[-1])
