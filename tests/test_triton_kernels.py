@@ -3,20 +3,20 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"      # before any kernel is jitted: run them on the CPU
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
-import archc.api as api  # noqa: E402
-import archc.stdlib as stdlib  # noqa: E402
-from archc.backends.torch import state_key  # noqa: E402
-from archc.ir.interpret import GraphModule  # noqa: E402
-from archc.ir.ops import Op  # noqa: E402
-from archc.ir.parser import parse_ir  # noqa: E402
-from archc.backends.triton.emit import generate  # noqa: E402
-from archc.passes import PASSES  # noqa: E402
-from archc.testing import example_inputs  # noqa: E402
+import archc.api as api
+import archc.stdlib as stdlib
+from archc.backends.torch import state_key
+from archc.ir.interpret import GraphModule
+from archc.ir.ops import Op
+from archc.ir.parser import parse_ir
+from archc.backends.triton.emit import generate
+from archc.passes import PASSES
+from archc.testing import example_inputs
 
 
 def _module(graphs, tag):
@@ -95,6 +95,6 @@ def test_rows_kernel_with_norms_and_broadcasts_matches_interpreter():
 @pytest.mark.parametrize("name", ["depth_recurrent"])
 def test_stdlib_model_forward_and_backward(name):
     graphs = [PASSES["fuse-elementwise"](g) for g in stdlib.graphs(name)]
-    mod, code = _module(graphs, name)
+    mod, _ = _module(graphs, name)
     for g in graphs:
         _compare(g, mod, example_inputs(g, seed=1))

@@ -1,0 +1,428 @@
+"""GPU benchmark of the generated Triton kernels: `python bench/gpu.py` on an H100 / H200.
+
+For every kernel the Triton backend generates for the stdlib models (fused elementwise / norm /
+residual regions, and every node a kernel family matches), on the operands the model really
+feeds it at benchmark sizes:
+
+* time of the archc kernel (default configuration, and tuned in place over its configuration
+  space) vs torch eager (the interpreter's op implementations: what the PyTorch backend runs) vs
+  `torch.compile` of the same region, forward and forward+backward where the kernel has a
+  backward; the median of many runs timed with CUDA events (`triton.testing.do_bench`);
+* achieved bandwidth of the forward kernel (bytes of its operands and results over its time)
+  against a measured device-to-device copy (`torch.empty_like(x).copy_(x)` on 1 GiB);
+* the largest difference from eager (the kernels compute in f32, as the IR does).
+
+Operands are captured by running the IR interpreter on the model at benchmark sizes and recording
+each kernel's inputs the first time its node runs. Results: bench/results/gpu_<card>.{md,json},
+rewritten after each kernel so that an interrupted run keeps what it measured. `--budget-s` stops
+starting new kernels after that many seconds.
+
+`--smoke` runs the same code on the CPU under TRITON_INTERPRET=1 at tiny sizes with a wall-clock
+timer and `torch.compile(backend="aot_eager")`, so that it does not rot (tests/test_triton_bench.py).
+Numbers from a smoke run mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+if "--smoke" in sys.argv:               # must precede the first `triton.jit`
+    os.environ["TRITON_INTERPRET"] = "1"
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+_PACKAGES = {"archc": "archc", "archc.dsl": "dsl", "archc.ir": "ir", "archc.passes": "passes",
+             "archc.backends": "backends", "archc.stdlib": "stdlib"}
+
+
+def _ensure_archc() -> None:
+    """Import archc from this checkout even when it is not pip-installed (pyproject's package map)."""
+    try:
+        import archc.ir  # noqa: F401
+        return
+    except ImportError:
+        pass
+    for name, folder in _PACKAGES.items():
+        init = ROOT / folder / "__init__.py"
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        if "." in name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(sys.modules[parent], leaf, mod)
+        spec.loader.exec_module(mod)
+
+
+_ensure_archc()
+
+import torch
+
+import archc.api as api
+import archc.stdlib as stdlib
+from archc.backends.triton import autotune as tune
+from archc.backends.triton import emit
+from archc.backends.triton import fused as fused_gen
+from archc.ir import interpret
+from archc.ir.interpret import Env, Interpreter, init_params, resolve_bindings
+from archc.ir.ops import Op
+from archc.passes import PRESETS, run_pipeline
+from archc.testing import example_inputs
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    overrides: dict
+    batch: int
+    seq: int | None
+
+
+# benchmark sizes: activations of 16-64 MiB so that kernels, not launches, dominate
+GPU_CASES = [
+    Case("depth_recurrent", {"d": 1024, "steps": 2}, batch=16, seq=1024),
+    Case("mor", {"d": 1024, "n_r": 2}, batch=8, seq=2048),
+    Case("hrm", {"d": 1024}, batch=128, seq=81),
+    Case("titans", {"d": 512, "seg": 64}, batch=8, seq=1024),
+    Case("hmt", {"d": 1024}, batch=8, seq=1024),
+    Case("move", {"d": 1024}, batch=8, seq=1024),
+    Case("think", {"d": 1024, "n_layers": 2}, batch=8, seq=1024),
+    Case("memory_caching", {"d": 1024}, batch=8, seq=1024),
+    Case("trm", {"d": 512}, batch=128, seq=81),
+]
+SMOKE_CASES = [Case("depth_recurrent", {"steps": 2}, batch=2, seq=8)]
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, device: torch.device, smoke: bool):
+        self.device, self.smoke = device, smoke
+
+    def __call__(self, fn) -> float:
+        """Median seconds of `fn`."""
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+        fn()
+        times = []
+        for _ in range(2 if self.smoke else 5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, smoke: bool) -> dict:
+    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
+    n = (1 << 20) if smoke else (1 << 30)
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    x.fill_(1)
+    y = torch.empty_like(x)
+    t = timer(lambda: y.copy_(x))
+    return {"bytes": n, "seconds": t, "gbps": 2 * n / t / 1e9}
+
+
+# -- capturing each kernel's operands from a model run ------------------------------------------------
+
+
+@dataclass
+class Captured:
+    graph: object
+    node: object
+    family: object
+    ks: object
+    names: list           # operand names in the launcher's order
+    args: list            # tensors / Python scalars
+    env: dict
+
+
+def capture(g, case: Case, device: torch.device, per_model: int) -> list[Captured]:
+    """Run the interpreter on the model; record the operands of each planned kernel's first run."""
+    plan = emit.plan([g])
+    targets = {id(n): n for n in g.walk() if plan.lookup(g, n) is not None}
+    if not targets:
+        return []
+    params = {k: v.to(device) for k, v in init_params(g, case.overrides, seed=0).items()}
+    inputs = example_inputs(g, case.overrides, batch=case.batch, seq=case.seq, seed=1)
+    if "adj" in inputs:        # a graph adjacency with self-loops: every row attends somewhere
+        inputs["adj"] = inputs["adj"] | torch.eye(inputs["adj"].shape[-1], dtype=torch.bool)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    found: dict[int, Captured] = {}
+    saved = dict(interpret.IMPL)
+
+    def spy(op):
+        inner = saved[op]
+
+        def run(it, n, ins, vals):
+            if id(n) in targets and id(n) not in found:
+                family, ks = plan.lookup(g, n)
+                if family is fused_gen:
+                    ops = fused_gen.operands(n, g)
+                    names = [o.name for o in ops]
+                    args = [vals[o.name].item() if o.scalar else vals[o.name] for o in ops]
+                else:
+                    names, args = list(n.inputs), list(ins)
+                found[id(n)] = Captured(g, n, family, ks, names, args, dict(it.env.values))
+            return inner(it, n, ins, vals)
+        return run
+
+    for op in {n.op for n in targets.values()}:
+        interpret.IMPL[op] = spy(op)
+    try:
+        with torch.no_grad(), torch.device(device):
+            interpret.run(g, params, inputs, case.overrides)
+    finally:
+        interpret.IMPL.clear()
+        interpret.IMPL.update(saved)
+    # one case per distinct kernel, the largest operands first, at most `per_model` fused ones
+    unique: dict[str, Captured] = {}
+    for c in sorted(found.values(), key=lambda c: -_nbytes(c.args)):
+        unique.setdefault(c.ks.name, c)
+    fused = [c for c in unique.values() if c.family is fused_gen][:per_model]
+    return [c for c in unique.values() if c.family is not fused_gen] + fused
+
+
+def _nbytes(xs) -> int:
+    seen, total = set(), 0
+    for x in xs:
+        if torch.is_tensor(x) and x.data_ptr() not in seen:
+            seen.add(x.data_ptr())
+            total += x.numel() * x.element_size()
+    return total
+
+
+# -- one kernel: archc vs eager vs torch.compile ---------------------------------------------------------
+
+
+def _as_list(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def variants(c: Captured, module, smoke: bool):
+    """(archc, eager, compiled) callables over the operands; each returns the list of results."""
+    names = [f"a{i}" for i in range(len(c.args))]
+    if c.family is fused_gen:
+        expr = f"{c.ks.name}({', '.join(names)})"
+    else:
+        expr = c.family.call(c.node, c.ks, names)
+    code = compile(expr, f"<bench:{c.ks.name}>", "eval")
+    glb = module.__dict__
+
+    def archc_fn(*args):
+        return _as_list(eval(code, glb, dict(zip(names, args))))
+
+    it = Interpreter(c.graph, {}, Env(dict(c.env)))
+    impl = interpret.IMPL[c.node.op]
+
+    def eager_fn(*args):
+        if c.node.op is Op.FUSED:
+            vals = {n: (torch.as_tensor(a) if not torch.is_tensor(a) else a) for n, a in zip(c.names, args)}
+            return impl(it, c.node, [], vals)
+        return impl(it, c.node, list(args), {})
+
+    compiled = torch.compile(eager_fn, backend="aot_eager" if smoke else "inductor", dynamic=False)
+    return archc_fn, eager_fn, compiled
+
+
+def _train(fn, args):
+    """fn's forward and backward: gradients of a fixed random projection of its float results."""
+    diff = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.is_floating_point()]
+    leaves = [a.detach().requires_grad_(True) if i in diff else a for i, a in enumerate(args)]
+    weights = {}
+
+    def step():
+        outs = [o for o in fn(*leaves) if torch.is_tensor(o) and o.is_floating_point() and o.requires_grad]
+        if not outs:
+            return []
+        for k, o in enumerate(outs):
+            if k not in weights:
+                weights[k] = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(k))
+        loss = sum((o * weights[k]).sum() for k, o in enumerate(outs))
+        return torch.autograd.grad(loss, [leaves[i] for i in diff], allow_unused=True)
+    return step
+
+
+def _max_err(a: list, b: list) -> float:
+    errs = [(x.float() - y.float()).abs().max().item() for x, y in zip(a, b)
+            if torch.is_tensor(x) and torch.is_tensor(y) and x is not None and y is not None and x.numel()]
+    return max(errs, default=0.0)
+
+
+def bench_case(c: Captured, module, timer: Timer, peak: float, smoke: bool, do_tune: bool) -> list[dict]:
+    archc_fn, eager_fn, compiled_fn = variants(c, module, smoke)
+    args = c.args
+    shape = next((tuple(a.shape) for a in args if torch.is_tensor(a) and a.dim()), ())
+    base = {"model": c.graph.name, "family": c.ks.family, "kernel": c.ks.name, "doc": c.ks.doc,
+            "shape": "x".join(map(str, shape))}
+    rows = []
+    with torch.no_grad():
+        ref = eager_fn(*args)
+        got = archc_fn(*args)
+        err = _max_err(got, ref)
+        t_default = timer(lambda: archc_fn(*args))
+    tuned_cfg = None
+    if do_tune and not smoke:          # time every configuration of the forward (and backward) kernel
+        with tune.Session(None) as session:
+            with torch.no_grad():
+                archc_fn(*args)
+            if c.ks.needs_grad:
+                _train(archc_fn, args)()
+        tuned_cfg = {k: v[0] for k, v in session.best.items()}
+        tune._MEMO.update(tuned_cfg)
+    with torch.no_grad():
+        t_archc = timer(lambda: archc_fn(*args)) if tuned_cfg else t_default
+        t_eager = timer(lambda: eager_fn(*args))
+        compiled_fn(*args)
+        t_comp = timer(lambda: compiled_fn(*args))
+    moved = _nbytes(args) + _nbytes(got)
+    rows.append({**base, "mode": "fwd", "archc_default_us": 1e6 * t_default, "archc_us": 1e6 * t_archc,
+                 "eager_us": 1e6 * t_eager, "compile_us": 1e6 * t_comp, "bytes": moved,
+                 "gbps": moved / t_archc / 1e9, "pct_copy": 100 * moved / t_archc / 1e9 / peak,
+                 "max_err": err, "config": _cfg_text(tuned_cfg, c.ks)})
+    if c.ks.needs_grad:
+        a_step, e_step, k_step = _train(archc_fn, args), _train(eager_fn, args), _train(compiled_fn, args)
+        ga, ge = a_step(), e_step()
+        k_step()
+        rows.append({**base, "mode": "fwd+bwd", "archc_us": 1e6 * timer(a_step), "eager_us": 1e6 * timer(e_step),
+                     "compile_us": 1e6 * timer(k_step), "max_err": _max_err(list(ga), list(ge))})
+    return rows
+
+
+def _cfg_text(tuned: dict | None, ks) -> str:
+    if not tuned:
+        return "default " + ",".join(f"{k}={v}" for k, v in sorted(ks.default.items()))
+    fwd = [cfg for (name, _), cfg in tuned.items() if name == ks.name]
+    return "tuned " + ",".join(f"{k}={v}" for k, v in sorted(fwd[0].items())) if fwd else "default"
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+
+
+def write(out_dir: Path, card: str, meta: dict, rows: list[dict], errors: list[dict]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_{_slug(card)}"
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    js.write_text(json.dumps({"meta": meta, "rows": rows, "errors": errors}, indent=1) + "\n")
+    lines = [f"# Generated Triton kernels on {card}", "",
+             f"Measured by `python bench/gpu.py{' --smoke' if meta['smoke'] else ''}` "
+             f"({meta['date']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}).",
+             f"Device-to-device copy: {meta['copy']['gbps']:.0f} GB/s (read + write of "
+             f"{meta['copy']['bytes'] / 2**30:.2f} GiB); kernel bandwidth is bytes of operands and "
+             "results over the kernel's median time. Times are medians (CUDA events, do_bench); "
+             "speedups are eager/archc and compile/archc from the same run.", ""]
+    if meta["smoke"]:
+        lines += ["**Smoke run on the CPU under TRITON_INTERPRET=1: these numbers mean nothing.**", ""]
+    lines += ["| family | model | kernel | shape | mode | archc µs | eager µs | compile µs | vs eager | vs compile "
+              "| GB/s | % copy | max err | config |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["model"], r["kernel"], r["mode"])):
+        gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
+        pct = f"{r['pct_copy']:.0f}%" if "pct_copy" in r else ""
+        lines.append(f"| {r['family']} | {r['model']} | `{r['kernel']}` {r['doc']} | {r['shape']} | {r['mode']} "
+                     f"| {r['archc_us']:.1f} | {r['eager_us']:.1f} | {r['compile_us']:.1f} "
+                     f"| {r['eager_us'] / r['archc_us']:.2f}x | {r['compile_us'] / r['archc_us']:.2f}x "
+                     f"| {gbps} | {pct} | {r['max_err']:.1e} | {r.get('config', '')} |")
+    if errors:
+        lines += ["", "## Failures", ""] + [f"- {e['model']} {e.get('kernel', '')}: {e['error']}" for e in errors]
+    md.write_text("\n".join(lines) + "\n")
+    return md, js
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes (checks it runs)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where gpu_<card>.{md,json} go")
+    ap.add_argument("--models", help="comma-separated stdlib names (default: all)")
+    ap.add_argument("--per-model", type=int, default=2, help="fused kernels per model (largest first; family "
+                                                               "kernels are all benchmarked, first)")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="start no new kernel after this many seconds")
+    ap.add_argument("--no-tune", action="store_true", help="time the default configurations only")
+    opts = ap.parse_args(argv)
+    start = time.perf_counter()
+    if opts.smoke:
+        device = torch.device("cpu")
+        cases = SMOKE_CASES
+        card = "smoke"
+    else:
+        if not torch.cuda.is_available():
+            print("bench/gpu.py needs a CUDA GPU (or --smoke for the CPU check)", file=sys.stderr)
+            return 1
+        device = torch.device("cuda")
+        cases = GPU_CASES
+        card = torch.cuda.get_device_name()
+    if opts.models:
+        wanted = opts.models.split(",")
+        cases = [c for c in cases if c.model in wanted]
+    import triton
+    tune._CACHE, tune._LOADED = None, True       # ignore this machine's autotune cache: tune in place
+    timer = Timer(device, opts.smoke)
+    copy = copy_bandwidth(device, timer, opts.smoke)
+    meta = {"card": card, "smoke": opts.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "copy": copy, "families": [f.FAMILY for f in emit.families()]}
+    print(f"{card}: device-to-device copy {copy['gbps']:.0f} GB/s; families: {['fused'] + meta['families']}",
+          flush=True)
+    rows, errors = [], []
+    for case in cases:
+        for g0 in stdlib.graphs(case.model):
+            if time.perf_counter() - start > opts.budget_s:
+                errors.append({"model": g0.name, "error": f"skipped: past the {opts.budget_s:.0f} s budget"})
+                continue
+            try:
+                g = emit_graph(g0)
+                resolve_bindings(g, case.overrides)
+                module = api.exec_module(emit.generate([g]).source, f"<bench-gpu:{g.name}>", f"bench_gpu_{g.name}")
+                captured = capture(g, case, device, opts.per_model)
+            except Exception as err:  # one model failing must not lose the others
+                errors.append({"model": g0.name, "error": f"{type(err).__name__}: {err}"})
+                traceback.print_exc()
+                continue
+            for c in captured:
+                if time.perf_counter() - start > opts.budget_s:
+                    errors.append({"model": g.name, "kernel": c.ks.name, "error": "skipped: past the budget"})
+                    continue
+                try:
+                    new = bench_case(c, module, timer, copy["gbps"], opts.smoke, not opts.no_tune)
+                except Exception as err:
+                    errors.append({"model": g.name, "kernel": c.ks.name, "error": f"{type(err).__name__}: {err}"})
+                    traceback.print_exc()
+                    continue
+                rows += new
+                for r in new:
+                    print(f"{r['model']:<16} {r['kernel']:<18} {r['mode']:<8} archc {r['archc_us']:9.1f} us  "
+                          f"eager {r['eager_us']:9.1f} us  compile {r['compile_us']:9.1f} us  "
+                          f"err {r['max_err']:.1e}", flush=True)
+                write(opts.out, card, meta, rows, errors)
+            if smoke_done(opts, rows):
+                break
+    md, js = write(opts.out, card, meta, rows, errors)
+    print(f"wrote {md} and {js} ({len(rows)} rows, {len(errors)} failures, {time.perf_counter() - start:.0f} s)")
+    return 0 if rows else 1
+
+
+def emit_graph(g):
+    """The graph as `--target triton` compiles it: -O2 (which ends with fuse-elementwise)."""
+    return run_pipeline(g, PRESETS["O2"])
+
+
+def smoke_done(opts, rows) -> bool:
+    return opts.smoke and bool(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
