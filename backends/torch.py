@@ -209,6 +209,9 @@ def _shape(em: _Emitter, dims) -> str:
 def _full(em, n, ins):
     v, dtype = n.attr("value"), DType(n.attr("dtype"))
     shape = _shape(em, n.attr("shape"))
+    if isinstance(v, sympy.Basic):           # an expression of parameters and loop variables
+        cast = {DType.F32: "float", DType.I64: "int", DType.BOOL: "bool"}[dtype]
+        return f"torch.full({shape}, {cast}({em.e(v)}), dtype={_TORCH_DTYPE[dtype]}, device=dev)"
     if dtype is DType.F32 and float(v) == 0.0:
         return f"torch.zeros({shape}, device=dev)"
     return f"torch.full({shape}, {v!r}, dtype={_TORCH_DTYPE[dtype]}, device=dev)"

@@ -81,3 +81,55 @@ def test_cgar_curriculum_drives_a_deep_supervision_loop():
             opt.step()
             carry = {"z_h": out["next_z_h"], "z_l": out["next_z_l"], "reset": torch.zeros(4, dtype=torch.bool)}
     assert seen == [(2, 1), (4, 2), (6, 3)]
+
+
+# -- 47 Raptor ---------------------------------------------------------------------------------------
+
+
+def _raptor_block(p, j, x, t, heads=4):
+    """One Raptor block by hand: blocks[j] of the stacked parameters, at depth step t."""
+    w = lambda name: p[f"blocks.{name}"][j]                      # noqa: E731
+    F = torch.nn.functional
+    tau = (F.silu(t * w("t_in.weight")[:, 0] + w("t_in.bias")) @ w("t_out.weight").T + w("t_out.bias") + 1)
+    tau1, tau2, tau3 = tau.reshape(1, 1, -1).chunk(3, dim=-1)
+    h = F.layer_norm(x, x.shape[-1:], w("norm1.weight"), w("norm1.bias"), 1e-5)
+    split = lambda z: z.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    a = F.scaled_dot_product_attention(split(h @ w("attn.q.weight").T), split(h @ w("attn.k.weight").T),
+                                       split(h @ w("attn.v.weight").T))
+    x = x + tau1 * w("ls1.gamma") * (a.transpose(1, 2).flatten(-2) @ w("attn.o.weight").T)
+    h = F.layer_norm(x, x.shape[-1:], w("norm2.weight"), w("norm2.bias"), 1e-5)
+    mlp = (F.silu(h @ w("mlp.gate.weight").T) * (h @ w("mlp.up.weight").T)) @ w("mlp.down.weight").T
+    x = x + tau2 * w("ls2.gamma") * mlp
+    return tau3 * x
+
+
+def test_raptor_loops_two_blocks_over_depth_phases_with_step_conditioning():
+    roll, tf = stdlib.graphs("raptor")
+    b = {"start": 2}
+    p = init_params(roll, b, seed=0)
+    assert {q.name: q.copies for q in roll.params} == {q.name: 2 for q in roll.params}   # two blocks, not six
+    p["blocks.t_out.weight"] = torch.randn_like(p["blocks.t_out.weight"]) * 0.1        # make tau matter
+    x = torch.randn(2, 5, 64)
+    h, traj = x, [x]
+    for i in range(6):                                # steps produce layers 3..8; phase boundary after 3 steps
+        h = _raptor_block(p, 0 if i < 3 else 1, h, float(2 + i + 1))
+        traj.append(h)
+    torch.testing.assert_close(run(roll, p, {"x": x}, b)["y"], h, atol=1e-5, rtol=1e-4)
+    # teacher forcing: each true activation h_i predicts h_{i+1} with the block and t of its step
+    teacher = torch.stack(traj[:-1], 1)
+    pred = run(tf, p, {"trajectory": teacher}, b)["predictions"]
+    torch.testing.assert_close(pred, torch.stack(traj[1:], 1), atol=1e-5, rtol=1e-4)
+    # the conditioning: another start layer (other t) changes the map, unless t_out is zero (tau = 1)
+    assert not torch.allclose(run(roll, p, {"x": x}, {"start": 0})["y"], h, atol=1e-4)
+    p["blocks.t_out.weight"].zero_()
+    torch.testing.assert_close(run(roll, p, {"x": x}, {"start": 0})["y"], run(roll, p, {"x": x}, b)["y"])
+
+
+def test_raptor_starts_near_the_unconditioned_block():
+    (roll, _) = stdlib.graphs("raptor")
+    p = init_params(roll, seed=0)
+    x = torch.randn(1, 4, 64)
+    out = run(roll, p, {"x": x}, {"depth": 2, "boundary": 1})["y"]
+    q = dict(p, **{"blocks.t_out.weight": torch.zeros_like(p["blocks.t_out.weight"])})
+    plain = run(roll, q, {"x": x}, {"depth": 2, "boundary": 1})["y"]
+    assert (out - plain).abs().max() < 5e-3 * plain.abs().max()      # tau = 1 + O(1e-4 * |t_in|)

@@ -234,3 +234,22 @@ def test_memory_write_gradient_holds_keys_fixed():
     with torch.no_grad():
         no_graph, _ = memory_write(k, v, lr, z, z, ws, [torch.zeros(2, 4, 4)], "gelu", False, "mse")
     torch.testing.assert_close(with_graph[0], no_graph[0])
+
+
+def test_generated_full_with_a_loop_variable_value():
+    """The PyTorch backend wrote `float(<sympy expr>)` for a symbolic `full` value (a loop counter)."""
+    from archc.api import load
+    src = """
+arch A(d: int = 4, n: int = 3) {
+  input x: f32[B, d]
+  h = x
+  repeat i in n {
+    h = h * full([B, 1], i + 1)
+  }
+  output y = h
+}
+"""
+    (g,) = check(src)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(load(src)()(x), run(g, {}, {"x": x})["y"])
+    torch.testing.assert_close(load(src)()(x), x * 6)
