@@ -239,6 +239,15 @@ class KVCache:
 
     def attend(self, key, site, q, k, v, qpos, window=0, reads=None):
         """Append k/v under `key` (or read the entry `reads`) and attend with queries q at qpos."""
+        e = self.store(key, site, q, k, v, reads)
+        keys = self._keys(e)
+        top = self.policy(site, "topk_decode")
+        if top is not None and self.prefilled:
+            return topk_attention(q, keys, e["v"], int(top["k"]), int(top["dense_heads"]), qpos, window)
+        return attention(q, keys, e["v"], causal=True, window=window, qpos=qpos)
+
+    def store(self, key, site, q, k, v, reads=None):
+        """Append k/v under `key` (or look up the entry `reads`); returns the entry's tensors."""
         if reads is None:
             e = self.entries.setdefault(key, {"k": k[:, :0], "v": v[:, :0], "q_obs": q[:, :0]})
             if "kept" in e:                               # pruned: new keys stay full width
@@ -251,11 +260,7 @@ class KVCache:
                 e["q_obs"] = torch.cat([e["q_obs"], q], 1)[:, -int(think["observe"]):]
         else:
             e = self.entries[reads]
-        keys = self._keys(e)
-        top = self.policy(site, "topk_decode")
-        if top is not None and self.prefilled:
-            return topk_attention(q, keys, e["v"], int(top["k"]), int(top["dense_heads"]), qpos, window)
-        return attention(q, keys, e["v"], causal=True, window=window, qpos=qpos)
+        return e
 
     @staticmethod
     def _keys(e):

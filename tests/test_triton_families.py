@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 
 from archc.api import check  # noqa: E402
 from archc.backends import torch_runtime as rt  # noqa: E402
-from archc.backends.triton.families import gated_scan, routing  # noqa: E402
+from archc.backends.triton.families import decode_attention, gated_scan, routing  # noqa: E402
 from archc.backends.triton.families._util import is_zero_fill  # noqa: E402
 from archc.ir.interpret import IMPL, Env, Interpreter  # noqa: E402
 from archc.ir.ops import Op  # noqa: E402
@@ -209,11 +209,94 @@ def test_routing_specialises_on_gates():
         f"{gated.name}(x, i, xs, y, weight=w, among=m)"
 
 
+# -- decode attention -----------------------------------------------------------------------------
+
+DECODE = """
+block Layer(d: int, heads: int) {
+  input x: f32[B, T, d]
+  layer attn = Attention(d, heads, kv_heads = 2, window = @WINDOW@)
+  return x + attn(x)
+}
+
+arch Dec(vocab: int = 16, d: int = 24, heads: int = 4) {
+  input tokens: i64[B, T]
+  layer embed = Embedding(vocab, d)
+  layer a = Layer(d, heads)
+  layer b = Layer(d, heads)
+  layer head = Linear(d, vocab)
+  output logits = head(b(a(embed(tokens))))
+  @POLICIES@
+}
+"""
+
+_DEC_CASES = {
+    "dense": ("0", ""),
+    "shared": ("0", "cache share_kv(b.attn, source = a.attn)"),
+    "think": ("0", "cache prune_key_channels(a.attn, ratio = 0.5, recent = 3, observe = 4)"),
+    "topk": ("5", "cache topk_decode(a.attn, k = 3, dense_heads = 1)"),
+    "think_topk": ("0", "cache prune_key_channels(a.attn, ratio = 0.5, recent = 3, observe = 4)\n"
+                        "  cache topk_decode(a.attn, k = 4, dense_heads = 3)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DEC_CASES))
+def test_decode_attention_matches_the_cache(case):
+    window, policies = _DEC_CASES[case]
+    g = graph(DECODE.replace("@WINDOW@", window).replace("@POLICIES@", policies))
+    node = next(n for n in nodes(g, Op.ATTEND) if n.attr("site") == "a.attn")
+    reader = next(n for n in nodes(g, Op.ATTEND) if n.attr("site") == "b.attn")
+    assert decode_attention.matches_cached(node, g) and not decode_attention.matches(node, g)
+    ks = decode_attention.generate(node, g)
+    fn, _ = load(ks)
+    # KVCache holds one policy per site: for think_topk, pruning acts at the end of the prompt and
+    # top-k selection over the pruned keys afterwards
+    policy = [{p.targets[0]: (p.kind, dict(p.args))} for p in g.policies if p.kind != "share_kv"] or [{}]
+    ref_cache, cache = rt.KVCache(policy[0]), rt.KVCache(policy[0])
+    gen = torch.Generator().manual_seed(len(case))
+    B, H, HK, D = 2, 4, 2, 6
+    cfg = {**SMALL, "BLOCK_M": 4, "BLOCK_N": 4}
+    win = int(window)
+    length = 0
+    for step, T in enumerate([9, 1, 1, 2]):                # a prompt, then decode steps
+        q, k, v = (torch.randn(B, T, h, D, generator=gen) for h in (H, HK, HK))
+        pos = (length + torch.arange(T))[None].expand(B, T)
+        want = ref_cache.attend("a.attn", "a.attn", q, k, v, pos, win)
+        got = fn(cache, "a.attn", "a.attn", q, k, v, pos, win, None, cfg)
+        close(got, want)
+        if case == "shared":                                 # the reader attends over a's entry
+            q2 = torch.randn(B, T, H, D, generator=gen)
+            want = ref_cache.attend("b.attn", "b.attn", q2, k, v, pos, 0, reads="a.attn")
+            got = fn(cache, "b.attn", "b.attn", q2, k, v, pos, 0, "a.attn", cfg)
+            close(got, want)
+            assert reader.attr("kv_share") == "from:a.attn"
+        if step == 0:
+            ref_cache.compress()
+            cache.compress()
+            ref_cache.policies = cache.policies = policy[-1]
+        length += T
+    if "think" in case:
+        assert "kept" in cache.entries["a.attn"]          # the pruned layout was exercised
+
+
+def test_decode_attention_specialises_on_policies():
+    srcs = {}
+    for case, (window, policies) in _DEC_CASES.items():
+        g = graph(DECODE.replace("@WINDOW@", window).replace("@POLICIES@", policies))
+        node = next(n for n in nodes(g, Op.ATTEND) if n.attr("site") == "a.attn")
+        srcs[case] = decode_attention.generate(node, g).source
+    assert "ko_ptr + (" not in srcs["dense"] and "ko_ptr + (" in srcs["think"]
+    assert "attend_selected" in srcs["topk"] and "attend_selected" not in srcs["think"]
+    assert "< window" in srcs["topk"] and "< window" not in srcs["dense"]
+    assert len(set(srcs.values())) == len(srcs) - 1     # the reader's policy does not change a's kernel
+
+
 # -- every family ---------------------------------------------------------------------------------
 
 
 def _all_sources():
     cases = [(SCANS, gated_scan, Op.LINEAR_SCAN), (ROUTES, routing, Op.ROUTE_TOPK), (ROUTES, routing, Op.GATHER)]
+    cases += [(DECODE.replace("@WINDOW@", w).replace("@POLICIES@", p), decode_attention, Op.ATTEND)
+              for w, p in _DEC_CASES.values()]
     for src, family, op in cases:
         g = graph(src)
         for n in nodes(g, op):
