@@ -91,3 +91,15 @@ def static_int(e) -> int | None:
     """An IR dimension as an int when it is a number, else None (a symbol sized at run time)."""
     e = sympy.sympify(e)
     return int(e) if e.is_Integer else None
+
+
+def tuning_source(name: str, configs, default) -> str:
+    """The configuration space as module constants, and `_<name>_config(kernel, sizes, config, run)`:
+    an explicit `config` wins; otherwise the per-GPU autotune cache (`_tune`, imported by the
+    generated module) picks one for the sizes' bucket, timing `run(cfg)` inside `archc autotune`."""
+    rows = "\n".join(f"    {c!r}," for c in configs)
+    return (f"_{name}_CONFIGS = (\n{rows}\n)\n_{name}_DEFAULT = {default!r}\n\n\n"
+            f"def _{name}_config(kernel, sizes, config, run):\n"
+            f"    if config is not None:\n"
+            f"        return dict(config)\n"
+            f"    return _tune.config(kernel, sizes, _{name}_DEFAULT, _{name}_CONFIGS, run)\n")

@@ -27,7 +27,7 @@ have. The emitter's K/V-cached step asks `matches_cached` and emits `call_cached
 """
 from __future__ import annotations
 
-from archc.backends.triton.families._util import config_space, kernel_name, render
+from archc.backends.triton.families._util import config_space, kernel_name, render, tuning_source
 from archc.backends.triton.kernel import KernelSource
 from archc.ir.core import Graph, Node
 from archc.ir.ops import Op
@@ -191,7 +191,7 @@ def _@NAME@_dense_probs(
     qp = tl.load(qpos_ptr + b * Tq + qi, mask=mask_m, other=0)
 @ALLOWED@
     total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for h in range(0, H0):
+    for h in range(H0):
         hk = h // G
         q_row = (b * Tq + qi[:, None]) * H + h
         q = tl.load(q_ptr + q_row * D + d[None, :], mask=mask_m[:, None] & (d < D)[None, :], other=0.0)
@@ -213,27 +213,32 @@ _OLD_PROBS = '''        c = tl.arange(0, BLOCK_KEPT)
 
 _LAUNCHER = '''
 
-def _@NAME@_launch(kernel, q, ko, kept, kn, v, qpos, idx, out, lse, n_old, kept_n, top, heads, hg, h0, window,
-                   meta, rows_per_head=True):
+@TUNING@
+
+
+def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse, n_old, kept_n, top, heads, hg, h0,
+                   window, rows_per_head=True):
     B, Tq, H, D = q.shape
     Tk, HK, DV = v.shape[1], v.shape[2], v.shape[3]
-    if rows_per_head:
-        grid = (triton.cdiv(Tq * hg, meta["BLOCK_M"]), heads // hg, B)
-    else:
-        grid = (triton.cdiv(Tq, meta["BLOCK_M"]), triton.cdiv(Tk, meta["BLOCK_N"]), B)
-    kernel[grid](q, ko, kept, kn, v, qpos, idx, out, lse, Tq, Tk, n_old, H, HK, H // HK, hg, h0, D, DV,
-                 kept_n, top, window, 1.0 / D ** 0.5, BLOCK_D=triton.next_power_of_2(D),
-                 BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=triton.next_power_of_2(max(kept_n, 1)), **meta)
+
+    def run(meta):
+        if rows_per_head:
+            grid = (triton.cdiv(Tq * hg, meta["BLOCK_M"]), heads // hg, B)
+        else:
+            grid = (triton.cdiv(Tq, meta["BLOCK_M"]), triton.cdiv(Tk, meta["BLOCK_N"]), B)
+        kernel[grid](q, ko, kept, kn, v, qpos, idx, out, lse, Tq, Tk, n_old, H, HK, H // HK, hg, h0, D, DV,
+                     kept_n, top, window, 1.0 / D ** 0.5, BLOCK_D=triton.next_power_of_2(D),
+                     BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=triton.next_power_of_2(max(kept_n, 1)), **meta)
+    run(_@NAME@_config(tag, (B, Tq * hg, heads, Tk), config, run))
 
 
 def @NAME@(cache, key, site, q, k, v, positions, window=0, reads=None, config=None):
     """Cached attention for `site` (@DOC@): appends k/v (or reads `reads`) and attends."""
-    meta = dict(config or @DEFAULT@)
     e = cache.store(key, site, q, k, v, reads)
     q = q.float().contiguous()
     qpos = positions.contiguous()
     vv = e["v"].float().contiguous()
-    B, Tq, H, D = q.shape
+    B, Tq, H = q.shape[:3]
     Tk, HK, DV = vv.shape[1], vv.shape[2], vv.shape[3]
 @KEYS@
     out = torch.zeros(B, Tq, H, DV, dtype=torch.float32, device=q.device)
@@ -241,7 +246,8 @@ def @NAME@(cache, key, site, q, k, v, positions, window=0, reads=None, config=No
         return out
     args = (ko, kept, kn, vv, qpos)
 @TOPK@
-    _@NAME@_launch(_@NAME@_attend, q, *args, qpos, out, out, n_old, kept_n, 0, H, H // HK, 0, window, meta)
+    _@NAME@_launch(_@NAME@_attend, "@NAME@_attend", config, q, *args, qpos, out, out, n_old, kept_n, 0, H, H // HK, 0,
+                   window)
     return out
 '''
 
@@ -262,13 +268,14 @@ _TOPK = '''    top = cache.policy(site, "topk_decode")
         k_top, dense = int(top["k"]), int(top["dense_heads"])
         if 0 < dense < H and k_top < Tk:                 # LycheeDecode: sparse heads see the top-k keys
             lse = torch.empty(B, Tq, H, dtype=torch.float32, device=q.device)
-            _@NAME@_launch(_@NAME@_attend_lse, q, *args, qpos, out, lse, n_old, kept_n, 0, dense, 1, 0, window, meta)
+            _@NAME@_launch(_@NAME@_attend_lse, "@NAME@_attend_lse", config, q, *args, qpos, out, lse, n_old, kept_n,
+                           0, dense, 1, 0, window)
             probs = torch.empty(B, Tq, Tk, dtype=torch.float32, device=q.device)
-            _@NAME@_launch(_@NAME@_dense_probs, q, *args, qpos, probs, lse, n_old, kept_n, 0, dense, 1, dense,
-                           window, meta, rows_per_head=False)
+            _@NAME@_launch(_@NAME@_dense_probs, "@NAME@_dense_probs", config, q, *args, qpos, probs, lse, n_old,
+                           kept_n, 0, dense, 1, dense, window, rows_per_head=False)
             chosen = torch.topk(probs, k_top, dim=-1).indices.contiguous()
-            _@NAME@_launch(_@NAME@_attend_selected, q, *args, chosen, out, lse, n_old, kept_n, k_top, H - dense, 1,
-                           dense, window, meta)
+            _@NAME@_launch(_@NAME@_attend_selected, "@NAME@_attend_selected", config, q, *args, chosen, out, lse,
+                           n_old, kept_n, k_top, H - dense, 1, dense, window)
             return out'''
 
 
@@ -291,7 +298,7 @@ def generate(node: Node, graph: Graph) -> KernelSource:
                               LOOP=_block_selected(pruned, window), LSE=""))
     doc = ", ".join([w for w, on in (("ThinK-pruned keys", pruned), ("top-k sparse heads", topk),
                                      ("window", window), (f"{share}-shared K/V", bool(share))) if on]) or "dense"
-    launcher = render(_LAUNCHER, NAME=name, DOC=doc, DEFAULT=repr(DEFAULT),
+    launcher = render(_LAUNCHER, NAME=name, DOC=doc, TUNING=tuning_source(name, CONFIGS, DEFAULT),
                       KEYS=_KEYS_PRUNED if pruned else _KEYS_DENSE,
                       TOPK=render(_TOPK, NAME=name) if topk else "")
     src = "\n\n".join(k.strip("\n") for k in kernels) + "\n" + launcher

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sympy
 
-from archc.backends.triton.families._util import config_space, is_zero_fill, kernel_name, render, value_types
+from archc.backends.triton.families._util import (config_space, is_zero_fill, kernel_name, render, tuning_source,
+                                                 value_types)
 from archc.backends.triton.kernel import KernelSource
 from archc.ir.core import Graph, Node
 from archc.ir.ops import Op, norm_axis
@@ -130,6 +131,9 @@ def _@NAME@_bwd(a_ptr, h0_ptr, h_ptr, dh_ptr, ga_ptr, gb_ptr, gh0_ptr, T, N,
 @GH0@
 
 
+@TUNING@
+
+
 def _@NAME@_view(x, shape, ax, form):
     """x broadcast to `shape`, keeping only the groups in `form`, contiguous: [P?, T?, N?]."""
     x = x.expand(shape)
@@ -151,18 +155,18 @@ class _@NAME@_Fn(torch.autograd.Function):
         bv = _@NAME@_view(b.float(), shape, ax, "@FORM_B@")
         hv = h0.float().expand(rest).contiguous()
         h = torch.empty(shape, dtype=torch.float32, device=av.device)
-        meta = dict(config)
-        grid = (P, triton.cdiv(N, meta["BLOCK_N"]))
         if P * T * N:
-            _@NAME@_fwd[grid](av, bv, hv, h, T, N, **meta)
+            def run(meta):
+                _@NAME@_fwd[(P, triton.cdiv(N, meta["BLOCK_N"]))](av, bv, hv, h, T, N, **meta)
+            run(_@NAME@_config("@NAME@_fwd", (P, T, N), config, run))
         ctx.save_for_backward(av, hv, h)
-        ctx.meta = (meta, shape, a.shape, b.shape, h0.shape)
+        ctx.meta = (config, shape, a.shape, b.shape, h0.shape)
         return h
 
     @staticmethod
     def backward(ctx, dh):
         av, hv, h = ctx.saved_tensors
-        meta, shape, a_shape, b_shape, @H0_SHAPE@ = ctx.meta
+        config, shape, a_shape, b_shape, @H0_SHAPE@ = ctx.meta
         ax = @AXIS@
         T = shape[ax]
         P = torch.Size(shape[:ax]).numel()
@@ -171,16 +175,17 @@ class _@NAME@_Fn(torch.autograd.Function):
         ga = torch.zeros(shape, dtype=torch.float32, device=h.device)
         gb = torch.zeros(shape, dtype=torch.float32, device=h.device)
         gh0 = torch.zeros(hv.shape, dtype=torch.float32, device=h.device)
-        grid = (P, triton.cdiv(N, meta["BLOCK_N"]))
         if P * T * N:
-            _@NAME@_bwd[grid](av, hv, h, dh, ga, gb, gh0, T, N, **meta)
+            def run(meta):
+                _@NAME@_bwd[(P, triton.cdiv(N, meta["BLOCK_N"]))](av, hv, h, dh, ga, gb, gh0, T, N, **meta)
+            run(_@NAME@_config("@NAME@_bwd", (P, T, N), config, run))
         gh0 = @RET_GH0@
         return ga.sum_to_size(a_shape), gb.sum_to_size(b_shape), gh0, None
 
 
 def @NAME@(a, b, h0, config=None):
     """linear_scan along axis @AXIS@ (gate form a=@FORM_A@, b=@FORM_B@@ZERO_DOC@)."""
-    return _@NAME@_Fn.apply(a, b, h0, config or @DEFAULT@)
+    return _@NAME@_Fn.apply(a, b, h0, config)
 '''
 
 
@@ -210,8 +215,9 @@ def generate(node: Node, graph: Graph) -> KernelSource:
     load_an = _load("a_ptr", form_a, "t + 1", "nxt", "0.0") if "T" in form_a else "a_row"
     src = render(_FWD, NAME=name, CARRY0=carry0, HOIST_FWD="\n".join(hoist_fwd), HOIST_BWD="\n".join(hoist),
                  LOAD_A=load_a, LOAD_B=load_b, LOAD_A_NEXT=load_an, H0ROW=h0row, HP0=hp0, GH0=gh0,
-                 AXIS=str(ax), H0_SHAPE="_" if zero_h0 else "h0_shape", FORM_A=form_a, FORM_B=form_b, DEFAULT=repr(DEFAULT),
-                 ZERO_DOC=", h0 = 0" if zero_h0 else "", RET_GH0=ret_gh0)
+                 AXIS=str(ax), H0_SHAPE="_" if zero_h0 else "h0_shape", FORM_A=form_a, FORM_B=form_b,
+                 ZERO_DOC=", h0 = 0" if zero_h0 else "", RET_GH0=ret_gh0,
+                 TUNING=tuning_source(name, CONFIGS, DEFAULT))
     return KernelSource(name=name, family=FAMILY, source=src, configs=CONFIGS, default=DEFAULT,
                         key=("a", "b"), needs_grad=True,
                         doc=f"gated scan over axis {ax} of a rank-{rank} tensor, gate form {form_a}/{form_b}")

@@ -19,7 +19,7 @@ Specialisation: weight on/off, among on/off, unique (route) or repeating (gather
 """
 from __future__ import annotations
 
-from archc.backends.triton.families._util import config_space, kernel_name, render, value_types
+from archc.backends.triton.families._util import config_space, kernel_name, render, tuning_source, value_types
 from archc.backends.triton.kernel import KernelSource
 from archc.ir.core import Graph, Node
 from archc.ir.ops import Op, norm_axis
@@ -76,6 +76,9 @@ def _@NAME@_gather_bwd(g_ptr, idx_ptr, dx_ptr, L, K, R, BLOCK_K: tl.constexpr, B
 @ACCUMULATE@
 
 
+@TUNING@
+
+
 class _@NAME@_Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, idx, axis, config):
@@ -86,26 +89,31 @@ class _@NAME@_Gather(torch.autograd.Function):
         xc = x.contiguous()
         ic = idx.reshape(P, K).contiguous()
         out = torch.empty(tuple(idx.shape) + tuple(x.shape[axis + 1:]), dtype=x.dtype, device=x.device)
-        meta = dict(config)
         if P * K * R:
-            _@NAME@_gather_fwd[(P, triton.cdiv(K, meta["BLOCK_K"]))](xc, ic, out, L, K, R, **meta)
+            def run(meta):
+                _@NAME@_gather_fwd[(P, triton.cdiv(K, meta["BLOCK_K"]))](xc, ic, out, L, K, R, **meta)
+            run(_@NAME@_config("@NAME@_gather_fwd", (P, K, R), config, run))
         ctx.save_for_backward(ic)
-        ctx.meta = (meta, x.shape, P, L, K, R)
+        ctx.meta = (config, x.shape, P, L, K, R)
         return out
 
     @staticmethod
     def backward(ctx, g):
         (ic,) = ctx.saved_tensors
-        meta, shape, P, L, K, R = ctx.meta
+        config, shape, P, L, K, R = ctx.meta
         dx = torch.zeros(shape, dtype=torch.float32, device=g.device)
+        gc = g.float().contiguous()
         if P * K * R:
-            _@NAME@_gather_bwd[(P, triton.cdiv(K, meta["BLOCK_K"]))](g.float().contiguous(), ic, dx, L, K, R, **meta)
+            def run(meta):
+                dx.zero_()
+                _@NAME@_gather_bwd[(P, triton.cdiv(K, meta["BLOCK_K"]))](gc, ic, dx, L, K, R, **meta)
+            run(_@NAME@_config("@NAME@_gather_bwd", (P, K, R), config, run))
         return dx, None, None, None
 
 
 def @GATHER_NAME@(x, idx, config=None):
     """x gathered along axis @AXIS@ by per-row indices (@UNIQUE_DOC@)."""
-    return _@NAME@_Gather.apply(x, idx, @AXIS@, config or @DEFAULT@)
+    return _@NAME@_Gather.apply(x, idx, @AXIS@, config)
 '''
 
 _SCATTER = '''
@@ -158,32 +166,35 @@ class _@NAME@_Scatter(torch.autograd.Function):
         yc = y.float().contiguous()
         wc = @W_ARG@
         ac = @AMONG_ARG@
-        meta = dict(config)
         if B * K:
-            _@NAME@_scatter_fwd[(B, triton.cdiv(K, meta["BLOCK_K"]))](out, sel, ic, xs, yc, wc, ac, T, K, R, **meta)
+            def run(meta):
+                _@NAME@_scatter_fwd[(B, triton.cdiv(K, meta["BLOCK_K"]))](out, sel, ic, xs, yc, wc, ac, T, K, R, **meta)
+            run(_@NAME@_config("@NAME@_scatter_fwd", (B, K, R), config, run))
         ctx.save_for_backward(ic, xs, yc, wc, ac)
-        ctx.meta = (meta, B, T, K, R)
+        ctx.meta = (config, B, T, K, R)
         ctx.mark_non_differentiable(sel)
         return out, sel
 
     @staticmethod
     def backward(ctx, g, _gsel):
         ic, xs, yc, wc, ac = ctx.saved_tensors
-        meta, B, T, K, R = ctx.meta
+        config, B, T, K, R = ctx.meta
         gc = g.float().contiguous()
         dx = gc.clone()
         dxs = torch.empty_like(xs)
         dy = torch.empty_like(yc)
         dw = @DW_ALLOC@
         if B * K:
-            _@NAME@_scatter_bwd[(B, triton.cdiv(K, meta["BLOCK_K"]))](
-                gc, ic, xs, yc, wc, ac, dx, dxs, dy, dw, T, K, R, **meta)
+            def run(meta):
+                _@NAME@_scatter_bwd[(B, triton.cdiv(K, meta["BLOCK_K"]))](
+                    gc, ic, xs, yc, wc, ac, dx, dxs, dy, dw, T, K, R, **meta)
+            run(_@NAME@_config("@NAME@_scatter_bwd", (B, K, R), config, run))
         return dx, None, dxs, dy, @DW_RET@, None, None
 
 
 def @NAME@(x, idx, x_sel, y, weight=None, among=None, config=None):
     """route_topk write-back (@GATE_DOC@): returns (x with the routed rows replaced, sel)."""
-    return _@NAME@_Scatter.apply(x, idx, x_sel, y, weight, among, config or @DEFAULT@)
+    return _@NAME@_Scatter.apply(x, idx, x_sel, y, weight, among, config)
 '''
 
 
@@ -209,7 +220,8 @@ def _gather_source(name: str, launcher: str, axis: int, unique: bool) -> str:
         acc = "        tl.store(dx_ptr + (p * L + row) * R + r, g, mask=m)"
     else:
         acc = "        tl.atomic_add(dx_ptr + (p * L + row) * R + r, g, mask=m)"
-    return render(_GATHER, NAME=name, GATHER_NAME=launcher, ACCUMULATE=acc, AXIS=str(axis), DEFAULT=repr(DEFAULT),
+    return render(_GATHER, NAME=name, GATHER_NAME=launcher, ACCUMULATE=acc, AXIS=str(axis),
+                  TUNING=tuning_source(name, CONFIGS, DEFAULT),
                   UNIQUE_DOC="distinct indices" if unique else "indices may repeat")
 
 
@@ -248,8 +260,7 @@ def _scatter_source(name: str, weight: bool, among: bool) -> str:
                   GRADS="\n".join(grads), DW_INIT=dw_init, DW_STORE=dw_store,
                   DW_ALLOC="torch.zeros_like(wc)" if weight else "xs",
                   DW_RET="dw" if weight else "None",
-                  GATE_DOC=", ".join(g for g, on in (("weight", weight), ("among", among)) if on) or "ungated",
-                  DEFAULT=repr(DEFAULT))
+                  GATE_DOC=", ".join(g for g, on in (("weight", weight), ("among", among)) if on) or "ungated")
 
 
 def call(node: Node, ks: KernelSource, args: list[str]) -> str:
