@@ -133,3 +133,67 @@ def test_raptor_starts_near_the_unconditioned_block():
     q = dict(p, **{"blocks.t_out.weight": torch.zeros_like(p["blocks.t_out.weight"])})
     plain = run(roll, q, {"x": x}, {"depth": 2, "boundary": 1})["y"]
     assert (out - plain).abs().max() < 5e-3 * plain.abs().max()      # tau = 1 + O(1e-4 * |t_in|)
+
+
+# -- 50 CoLa -----------------------------------------------------------------------------------------
+
+
+def _llama_layer(p, i, x, heads=2):
+    """Layer i of CoLa's stack by hand (pre-norm, causal attention with RoPE, SwiGLU)."""
+    from test_parity import _rope
+    F = torch.nn.functional
+    w = lambda name: p[f"layers.{name}"][i]                      # noqa: E731
+    norm = lambda h, g: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * g   # noqa: E731
+    split = lambda z: z.unflatten(-1, (heads, -1))               # noqa: E731
+    h = norm(x, w("attn_norm.weight"))
+    q, k, v = _rope(split(h @ w("attn.q.weight").T)), _rope(split(h @ w("attn.k.weight").T)), split(h @ w("attn.v.weight").T)
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    x = x + a.transpose(1, 2).flatten(-2) @ w("attn.o.weight").T
+    h = norm(x, w("mlp_norm.weight"))
+    return x + (F.silu(h @ w("mlp.gate.weight").T) * (h @ w("mlp.up.weight").T)) @ w("mlp.down.weight").T
+
+
+def _program_logits(p, tokens, program):
+    x = p["embed.weight"][tokens]
+    for i in program:
+        x = _llama_layer(p, i, x)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * p["norm.weight"]
+    return x @ p["head.weight"].T
+
+
+@pytest.mark.parametrize("times,program", [(2, [0, 1, 2, 2, 3, 4, 5]), (1, [0, 1, 2, 3, 4, 5]), (0, [0, 1, 3, 4, 5])])
+def test_cola_runs_its_program_of_layers(times, program):
+    cola, _ = stdlib.graphs("cola")
+    p = init_params(cola, seed=0)
+    tokens = torch.randint(0, 64, (2, 5))
+    got = run(cola, p, {"tokens": tokens}, {"loop_times": times})["logits"]
+    torch.testing.assert_close(got, _program_logits(p, tokens, program), atol=1e-5, rtol=1e-4)
+
+
+def test_cola_repeated_layers_get_their_own_cache_slots():
+    from archc.api import load
+    m = load(stdlib.path("cola"), arch="CoLa")()
+    tokens = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        full = m(tokens)
+        out, cache = m.prefill(tokens[:, :3])
+        steps = [out]
+        for t in range(3, 8):
+            step, cache = m.decode(tokens[:, t:t + 1], cache)
+            steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    keys = sorted(cache.entries)
+    assert len(keys) == 7                                   # one slot per program position, not per layer
+    assert [k for k in keys if k.startswith("layers.attn[2]")] == ["layers.attn[2]@r=0,j=0", "layers.attn[2]@r=1,j=0"]
+    assert cache.nbytes() == 7 * 2 * (2 * 8 * 32 * 4)       # 7 occurrences x (K + V) x B*T*d floats
+
+
+def test_cola_polar_per_sample_programs_match_the_static_programs():
+    cola, polar = stdlib.graphs("cola")
+    p = init_params(polar, seed=0)                          # same parameter names as CoLa
+    tokens = torch.randint(0, 64, (3, 5))
+    ops = torch.tensor([[1, 1, 2, 1, 1, 1], [1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    got = run(polar, p, {"tokens": tokens, "ops": ops})["logits"]
+    for b, times in enumerate((2, 0, 1)):
+        ref = run(cola, p, {"tokens": tokens[b:b + 1]}, {"loop_times": times})["logits"]
+        torch.testing.assert_close(got[b:b + 1], ref, atol=1e-5, rtol=1e-4)
