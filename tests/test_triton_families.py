@@ -241,8 +241,8 @@ _DEC_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(_DEC_CASES))
-def test_decode_attention_matches_the_cache(case):
+@pytest.mark.parametrize("case,dot", [(c, False) for c in sorted(_DEC_CASES)] + [("think_topk", True)])
+def test_decode_attention_matches_the_cache(case, dot):
     window, policies = _DEC_CASES[case]
     g = graph(DECODE.replace("@WINDOW@", window).replace("@POLICIES@", policies))
     node = next(n for n in nodes(g, Op.ATTEND) if n.attr("site") == "a.attn")
@@ -255,11 +255,11 @@ def test_decode_attention_matches_the_cache(case):
     policy = [{p.targets[0]: (p.kind, dict(p.args))} for p in g.policies if p.kind != "share_kv"] or [{}]
     ref_cache, cache = rt.KVCache(policy[0]), rt.KVCache(policy[0])
     gen = torch.Generator().manual_seed(len(case))
-    B, H, HK, D = 2, 4, 2, 6
-    cfg = {**SMALL, "BLOCK_M": 4, "BLOCK_N": 4}
+    B, H, HK, D = (2, 4, 2, 32) if dot else (2, 4, 2, 6)     # dot: 16-wide tiles take the tl.dot path
+    cfg = {**SMALL, "BLOCK_M": 16, "BLOCK_N": 16} if dot else {**SMALL, "BLOCK_M": 4, "BLOCK_N": 4}
     win = int(window)
     length = 0
-    for step, T in enumerate([9, 1, 1, 2]):                # a prompt, then decode steps
+    for step, T in enumerate([21, 1, 2] if dot else [9, 1, 1, 2]):      # a prompt, then decode steps
         q, k, v = (torch.randn(B, T, h, D, generator=gen) for h in (H, HK, HK))
         pos = (length + torch.arange(T))[None].expand(B, T)
         want = ref_cache.attend("a.attn", "a.attn", q, k, v, pos, win)
@@ -343,3 +343,15 @@ def test_generated_kernel_sources_pass_ruff(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "--quiet", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_family_benchmark_smoke(tmp_path):
+    """bench/gpu_families.py stays runnable: every case on the CPU at tiny sizes, agreeing with eager."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_families.py"), "--smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    import json
+    data = json.loads((tmp_path / "gpu_families_smoke.json").read_text())
+    assert {r["family"] for r in data["rows"]} == {"gated_scan", "routing", "decode_attention"}
+    assert all(r["max_err"] < 1e-4 for r in data["rows"])

@@ -102,9 +102,9 @@ def _mask(kk: str, window: bool) -> str:
     return f"        allowed = {text}"
 
 
-def _block_all(pruned: bool, window: bool) -> str:
+def _block_all(name: str, pruned: bool, window: bool) -> str:
     """Loops over every cached key: the pruned old keys (kept channels), then the full-width ones."""
-    pv = "tl.sum(p[:, :, None] * vv[None, :, :], axis=1)"
+    pv = f"_{name}_pv(p, vv, USE_DOT)"
     vload = ("        vv = tl.load(v_ptr + ((b * Tk + n[:, None]) * HK + hk) * DV + e[None, :],\n"
              "                     mask=kv[:, None] & (e < DV)[None, :], other=0.0)")
     online = render(_ONLINE, PV=pv)
@@ -116,7 +116,7 @@ def _block_all(pruned: bool, window: bool) -> str:
         valid = kv[None, :]
         ko = tl.load(ko_ptr + ((b * N_OLD + n[:, None]) * HK + hk) * KEPT + c[None, :],
                      mask=kv[:, None] & (c < KEPT)[None, :], other=0.0)
-        s = tl.sum(qk[:, None, :] * ko[None, :, :], axis=2)
+        s = _@NAME@_qk(qk, ko, USE_DOT)
 {_mask("n[None, :]", window)}
 {vload}
 {online}''')
@@ -126,14 +126,14 @@ def _block_all(pruned: bool, window: bool) -> str:
         valid = kv[None, :]
         kn = tl.load(kn_ptr + ((b * (Tk - N_OLD) + n[:, None] - N_OLD) * HK + hk) * D + d[None, :],
                      mask=kv[:, None] & (d < D)[None, :], other=0.0)
-        s = tl.sum(q[:, None, :] * kn[None, :, :], axis=2)
+        s = _@NAME@_qk(q, kn, USE_DOT)
 {_mask("n[None, :]", window)}
 {vload}
 {online}''')
-    return "\n".join(parts)
+    return "\n".join(parts).replace("@NAME@", name)
 
 
-def _block_selected(pruned: bool, window: bool) -> str:
+def _block_selected(name: str, pruned: bool, window: bool) -> str:
     """One loop over each query row's selected keys (indices [BM, BN] gathered inside the kernel)."""
     pv = "tl.sum(p[:, :, None] * vv, axis=1)"
     old = ""
@@ -159,7 +159,28 @@ def _block_selected(pruned: bool, window: bool) -> str:
 
 _SIG = ("q_ptr, ko_ptr, kept_ptr, kn_ptr, v_ptr, qpos_ptr, idx_ptr, o_ptr, lse_ptr, Tq, Tk, N_OLD, H, HK, G, HG, H0, "
         "D, DV, KEPT, TOP, window, scale,\n        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
-        "BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_KEPT: tl.constexpr")
+        "BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_KEPT: tl.constexpr, USE_DOT: tl.constexpr")
+
+_HELPERS = '''
+@triton.jit
+def _@NAME@_qk(a, b, USE_DOT: tl.constexpr):
+    """[M, K] x [N, K] -> [M, N] scores."""
+    if USE_DOT:
+        s = tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        s = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    return s
+
+
+@triton.jit
+def _@NAME@_pv(p, v, USE_DOT: tl.constexpr):
+    """[M, N] x [N, E] -> [M, E]."""
+    if USE_DOT:
+        o = tl.dot(p, v, input_precision="ieee")
+    else:
+        o = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return o
+'''
 
 _ATTEND = '''
 @triton.jit
@@ -197,7 +218,7 @@ def _@NAME@_dense_probs(
         q = tl.load(q_ptr + q_row * D + d[None, :], mask=mask_m[:, None] & (d < D)[None, :], other=0.0)
         kn = tl.load(kn_ptr + ((b * (Tk - N_OLD) + n[:, None] - N_OLD) * HK + hk) * D + d[None, :],
                      mask=is_new[:, None] & (d < D)[None, :], other=0.0)
-        s = tl.sum(q[:, None, :] * kn[None, :, :], axis=2)
+        s = _@NAME@_qk(q, kn, USE_DOT)
 @OLD_SCORES@
         lse = tl.load(lse_ptr + q_row, mask=mask_m[:, None], other=float("inf"))
         total += tl.where(allowed, tl.exp(s * scale - lse), 0.0)
@@ -209,7 +230,7 @@ _OLD_PROBS = '''        c = tl.arange(0, BLOCK_KEPT)
         qk = tl.load(q_ptr + q_row * D + ch[None, :], mask=mask_m[:, None] & (c < KEPT)[None, :], other=0.0)
         ko = tl.load(ko_ptr + ((b * N_OLD + n[:, None]) * HK + hk) * KEPT + c[None, :],
                      mask=(n < N_OLD)[:, None] & (c < KEPT)[None, :], other=0.0)
-        s += tl.sum(qk[:, None, :] * ko[None, :, :], axis=2)'''
+        s += _@NAME@_qk(qk, ko, USE_DOT)'''
 
 _LAUNCHER = '''
 
@@ -220,6 +241,7 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
                    window, rows_per_head=True):
     B, Tq, H, D = q.shape
     Tk, HK, DV = v.shape[1], v.shape[2], v.shape[3]
+    use_dot = min(D, DV) >= 16 and (n_old == 0 or kept_n >= 16)     # tl.dot needs 16-wide tiles
 
     def run(meta):
         if rows_per_head:
@@ -228,7 +250,8 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
             grid = (triton.cdiv(Tq, meta["BLOCK_M"]), triton.cdiv(Tk, meta["BLOCK_N"]), B)
         kernel[grid](q, ko, kept, kn, v, qpos, idx, out, lse, Tq, Tk, n_old, H, HK, H // HK, hg, h0, D, DV,
                      kept_n, top, window, 1.0 / D ** 0.5, BLOCK_D=triton.next_power_of_2(D),
-                     BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=triton.next_power_of_2(max(kept_n, 1)), **meta)
+                     BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=triton.next_power_of_2(max(kept_n, 1)),
+                     USE_DOT=use_dot and meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16, **meta)
     run(_@NAME@_config(tag, (B, Tq * hg, heads, Tk), config, run))
 
 
@@ -284,18 +307,18 @@ def generate(node: Node, graph: Graph) -> KernelSource:
     name = kernel_name(FAMILY, sp)
     kept = _KEPT.strip("\n") if pruned else ""
     rows = _ROWS.strip("\n")
-    kernels = [render(_ATTEND, NAME=name, KIND="attend", SIG=_SIG, ROWS=rows, KEPT=kept,
-                      LOOP=_block_all(pruned, window), LSE="")]
+    kernels = [render(_HELPERS, NAME=name), render(_ATTEND, NAME=name, KIND="attend", SIG=_SIG, ROWS=rows, KEPT=kept,
+                      LOOP=_block_all(name, pruned, window), LSE="")]
     if topk:
         lse = "    tl.store(lse_ptr + q_row, m_i[:, None] + tl.log(tl.maximum(l_i, 1e-30))[:, None], mask=mask_m[:, None])"
         kernels.append(render(_ATTEND, NAME=name, KIND="attend_lse", SIG=_SIG, ROWS=rows, KEPT=kept,
-                              LOOP=_block_all(pruned, window), LSE=lse))
+                              LOOP=_block_all(name, pruned, window), LSE=lse))
         allowed = "    allowed = mask_m[:, None] & valid & (n[None, :] <= qp[:, None])"
         if window:
             allowed += " & (qp[:, None] - n[None, :] < window)"
-        kernels.append(render(_PROBS, NAME=name, SIG=_SIG, ALLOWED=allowed, OLD_SCORES=_OLD_PROBS if pruned else ""))
+        kernels.append(render(_PROBS, NAME=name, SIG=_SIG, ALLOWED=allowed, OLD_SCORES=_OLD_PROBS.replace("@NAME@", name) if pruned else ""))
         kernels.append(render(_ATTEND, NAME=name, KIND="attend_selected", SIG=_SIG, ROWS=rows, KEPT=kept,
-                              LOOP=_block_selected(pruned, window), LSE=""))
+                              LOOP=_block_selected(name, pruned, window), LSE=""))
     doc = ", ".join([w for w, on in (("ThinK-pruned keys", pruned), ("top-k sparse heads", topk),
                                      ("window", window), (f"{share}-shared K/V", bool(share))) if on]) or "dense"
     launcher = render(_LAUNCHER, NAME=name, DOC=doc, TUNING=tuning_source(name, CONFIGS, DEFAULT),
