@@ -65,6 +65,12 @@ def _nm_read(al, mem, c, a, span, hint):
     return al.b.emit1(Op.MEM_READ, [q, *mem.state[:n]], _nm_attrs(c), span, name=hint or "read"), None
 
 
+def _nm_weights(al, mem, c, a, span, hint):
+    """The current weights, [B, out, in] each (layer order): the memory's state for inspection."""
+    n = int(c["layers"])
+    return (mem.state[0] if n == 1 else tuple(mem.state[:n])), None
+
+
 def _nm_write(al, mem, c, a, span, hint):
     k, v = tensor_arg(al, a["k"], "keys"), tensor_arg(al, a["v"], "values")
     _check_last(al, k, c["d"], a["k"][1])
@@ -174,6 +180,7 @@ MEMORIES: dict[str, MemoryKind] = {m.name: m for m in [
                     ("residual", S(False)), ("loss", StrVal("mse", None)))),
                _nm_init,
                {"read": (Sig((("q", _REQ),)), _nm_read, False),
+                "weights": (Sig(()), _nm_weights, False),
                 "write": (Sig((("k", _REQ), ("v", _REQ), ("lr", _REQ), ("momentum", S(0.0)), ("forget", S(0.0)))),
                           _nm_write, True)},
                "an MLP memory trained at test time: S = eta*S - grad(lr*loss(M(k), v)); M = (1-forget)*M + S"),

@@ -197,3 +197,44 @@ def test_cola_polar_per_sample_programs_match_the_static_programs():
     for b, times in enumerate((2, 0, 1)):
         ref = run(cola, p, {"tokens": tokens[b:b + 1]}, {"loop_times": times})["logits"]
         torch.testing.assert_close(got[b:b + 1], ref, atol=1e-5, rtol=1e-4)
+
+
+# -- 41 Titans (LMM, MAG, MAL; MAC is in test_semantics.py) -------------------------------------------
+
+
+def test_titans_lmm_state_after_a_chunk_is_the_update_rule():
+    g = next(g for g in stdlib.graphs("titans") if g.name == "TitansLMM")
+    p = init_params(g, seed=0)
+    x = torch.randn(2, 4, 16)                                 # one chunk
+    out = run(g, p, {"x": x})
+    F = torch.nn.functional
+    w = lambda n: p[f"lmm.{n}.weight"]                        # noqa: E731
+    eps = 1.1920928955078125e-07
+    u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w("store_norm")
+    k, v = u @ w("key").T, u @ w("value").T
+    lr = torch.sigmoid(u @ w("lr_gate").T + p["lmm.lr_gate.bias"])[..., 0]
+    alpha = torch.sigmoid(u.mean(1) @ w("forget_gate").T + p["lmm.forget_gate.bias"])[:, 0]
+    W0, W1 = (p[f"lmm.mem.w{i}"].expand(2, -1, -1).clone().requires_grad_() for i in (0, 1))
+    loss = ((F.gelu(k @ W0.transpose(1, 2)) @ W1.transpose(1, 2) - v).pow(2).mean(-1) * lr).sum()
+    G0, G1 = torch.autograd.grad(loss, (W0, W1))
+    # S_1 = eta * 0 - grad;  W_1 = (1 - alpha) W_0 + S_1   (Titans eqs. 10, 13; momentum starts at zero)
+    for i, (W, G) in enumerate(((W0, G0), (W1, G1))):
+        torch.testing.assert_close(out[f"w{i}"], (1 - alpha)[:, None, None] * W.detach() - G, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["TitansMAG", "TitansMAL"])
+def test_titans_memory_reaches_past_the_attention_window(arch):
+    g = next(g for g in stdlib.graphs("titans") if g.name == arch)
+    p = init_params(g, seed=0)
+    t = torch.randint(0, 64, (1, 16))
+    t2 = t.clone()
+    t2[0, 0] = (t[0, 0] + 1) % 64
+    # 2 layers of window-4 attention see at most 6 tokens back: with the memory frozen (no writes, no
+    # forgetting) position 15 is blind to token 0 ...
+    frozen = dict(p, **{"layers.lmm.forget_gate.weight": torch.zeros_like(p["layers.lmm.forget_gate.weight"]),
+                        "layers.lmm.forget_gate.bias": torch.full_like(p["layers.lmm.forget_gate.bias"], -1e4)})
+    same = [run(g, frozen, {"tokens": x}, {"max_lr": 0.0})["logits"][0, 15] for x in (t, t2)]
+    torch.testing.assert_close(same[0], same[1])
+    # ... except through the long-term memory, written with token 0's chunk
+    diff = [run(g, p, {"tokens": x})["logits"][0, 15] for x in (t, t2)]
+    assert not torch.allclose(diff[0], diff[1], atol=1e-6)

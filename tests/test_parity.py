@@ -77,3 +77,44 @@ def test_trm_matches_tiny_recursive_model():
                                rtol=1e-3)
     torch.testing.assert_close(p["head.weight"].grad, ref.to_pred.weight.grad, atol=1e-5, rtol=1e-3)
 
+
+
+# -- Titans: lucidrains' titans-pytorch NeuralMemory ---------------------------------------------------
+
+
+def test_titans_memory_matches_titans_pytorch():
+    titans = pytest.importorskip("titans_pytorch")
+    g = next(g for g in stdlib.graphs("titans") if g.name == "TitansLMM")
+    p = {k: v.requires_grad_() for k, v in init_params(g, seed=0).items()}
+    torch.manual_seed(0)
+    # one head, a 2-layer GELU MLP memory without the residual LayerNorm wrapper, weights committed
+    # after every chunk (batch_size = chunk_size): the chunked update rule of Titans eqs. 10 and 13
+    ref = titans.NeuralMemory(dim=16, chunk_size=4, batch_size=4, heads=1, momentum=True,
+                              mem_model_norm_add_residual=False, default_model_kwargs=dict(depth=2, expansion_factor=2.))
+    pairs = {"retrieve_norm.weight": "lmm.retrieve_norm.weight", "store_norm.weight": "lmm.store_norm.weight",
+             "to_queries.weight": "lmm.query.weight", "to_keys.weight": "lmm.key.weight",
+             "to_values.weight": "lmm.value.weight",
+             "to_adaptive_step.0.weight": "lmm.lr_gate.weight", "to_adaptive_step.0.bias": "lmm.lr_gate.bias",
+             "to_momentum.0.weight": "lmm.momentum_gate.weight", "to_momentum.0.bias": "lmm.momentum_gate.bias",
+             "to_decay_factor.0.weight": "lmm.forget_gate.weight", "to_decay_factor.0.bias": "lmm.forget_gate.bias"}
+    refp = dict(ref.named_parameters())
+    with torch.no_grad():
+        for theirs, ours in pairs.items():
+            refp[theirs].copy_(p[ours])
+        for i in (0, 1):                 # theirs: x @ W with W [in, out]; ours: W [out, in]
+            refp[f"memory_model_parameters.{i}"].copy_(p[f"lmm.mem.w{i}"].T[None])
+    x = torch.randn(2, 12, 16)
+    out = run(g, p, {"x": x})
+    y, state = ref(x)
+    torch.testing.assert_close(out["y"], y, atol=1e-5, rtol=1e-4)
+    for i in (0, 1):                     # the memory's weights after the last chunk
+        torch.testing.assert_close(out[f"w{i}"], state.weights[f"weights.{i}"].transpose(-1, -2), atol=1e-5,
+                                   rtol=1e-4)
+    # the outer gradient flows through the inner updates identically
+    (out["y"].pow(2).mean() + out["w1"].pow(2).mean()).backward()
+    (y.pow(2).mean() + state.weights["weights.1"].pow(2).mean()).backward()
+    for theirs, ours in pairs.items():
+        torch.testing.assert_close(p[ours].grad, refp[theirs].grad, atol=1e-5, rtol=1e-3, msg=lambda s: f"{ours}: {s}")
+    for i in (0, 1):
+        torch.testing.assert_close(p[f"lmm.mem.w{i}"].grad, refp[f"memory_model_parameters.{i}"].grad[0].T,
+                                   atol=1e-5, rtol=1e-3)
