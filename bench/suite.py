@@ -156,6 +156,7 @@ def bench_eager(cases: list[Case], repeat: int) -> list[dict]:
             tr = median_time(lambda fn=fn, m=ref: fn(m), repeat)
             row[f"{label}_generated_ms"], row[f"{label}_reference_ms"] = 1e3 * tg, 1e3 * tr
             row[f"{label}_ratio"] = tg / tr
+        print(f"[bench] {json.dumps(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
@@ -182,6 +183,7 @@ def bench_compiled(cases: list[Case], repeat: int, backend: str) -> list[dict]:
                 row[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if "generated_ms" in row and "reference_ms" in row:
             row["ratio"] = row["generated_ms"] / row["reference_ms"]
+        print(f"[bench] {json.dumps(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     torch._dynamo.reset()
     return rows
