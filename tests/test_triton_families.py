@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton")
 from archc import api  # noqa: E402
 from archc.api import check  # noqa: E402
 from archc.backends import torch_runtime as rt  # noqa: E402
-from archc.backends.triton.families import decode_attention, gated_scan, routing  # noqa: E402
+from archc.backends.triton.families import decode_attention, gated_scan, memory_update, routing  # noqa: E402
 from archc.backends.triton.families._util import is_zero_fill  # noqa: E402
 from archc.ir.interpret import IMPL, Env, Interpreter  # noqa: E402
 from archc.ir.ops import Op  # noqa: E402
@@ -292,6 +292,84 @@ def test_decode_attention_specialises_on_policies():
     assert len(set(srcs.values())) == len(srcs) - 1     # the reader's policy does not change a's kernel
 
 
+# -- memory update -------------------------------------------------------------------------------
+
+MEMORY = """
+arch Mem(d: int = 6) {
+  input k: f32[B, T, d]
+  input v: f32[B, T, d]
+  input lr: f32[B, T]
+  input eta: f32[B]
+  input alpha: f32[B]
+  memory m = NeuralMemory(d, hidden = 5, layers = 2, act = "silu", loss = "huber")
+  m.write(k, v, lr = lr, momentum = eta, forget = alpha)
+  memory n = NeuralMemory(d, layers = 1, loss = "l1")
+  n.write(k, v, lr = 0.5)
+  memory r = NeuralMemory(d, hidden = 4, layers = 3, act = "tanh", residual = true)
+  r.write(k, v, lr = lr, momentum = eta)
+  memory q = NeuralMemory(d, hidden = 32, layers = 2, act = "gelu")
+  q.write(k, v, lr = lr, momentum = eta, forget = alpha)
+  output y = m.read(k) + n.read(k) + r.read(k) + q.read(k)
+}
+"""
+
+
+def _memory_operands(g, node, B, T, gen):
+    types_ = {a.name: a.type for a in g.inputs}
+    for n in g.walk():
+        for o in n.outputs:
+            types_[o.name] = o.type
+    env = Env({**g.symbol_defaults(), "B": B, "T": T})
+    ins = []
+    for j, name in enumerate(node.inputs):
+        shape = [env.eval_int(d) for d in types_[name].shape]
+        if is_zero_fill(g, name):
+            t = torch.zeros(shape)
+        elif j in (2, 3, 4):                             # rates and gates in (0, 1)
+            t = torch.rand(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) * (0.5 if j >= 5 else 1.0)
+        ins.append(t.requires_grad_(not is_zero_fill(g, name)))
+    return ins
+
+
+@pytest.mark.parametrize("which,dot", [(0, False), (1, False), (2, False), (3, True)])
+def test_memory_update_forward_backward(which, dot):
+    g = graph(MEMORY)
+    node = nodes(g, Op.MEM_WRITE)[which]
+    assert memory_update.matches(node, g)
+    ks = memory_update.generate(node, g)
+    fn, _ = load(ks)
+    gen = torch.Generator().manual_seed(which)
+    T = 16 if dot else 5                                  # dot: 16-wide tiles take the tl.dot path
+    ins = _memory_operands(g, node, 2, T, gen)
+    ref = interpret(g, node, ins)
+    cfg = {"BLOCK_T": 16, "BLOCK_O": 16, "BLOCK_I": 16, "num_warps": 1, "num_stages": 1} if dot else \
+        {"BLOCK_T": 4, "BLOCK_O": 4, "BLOCK_I": 4, "num_warps": 1, "num_stages": 1}
+    out = fn(*ins, config=cfg)
+    assert len(out) == len(ref) == 2 * node.attr("layers")
+    for o, r in zip(out, ref):
+        close(o, r)
+    ws = [torch.randn(r.shape, generator=gen) for r in ref]
+    diff = [t for t in ins if t.requires_grad]
+    want = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, ws)), diff, allow_unused=True)
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, ws)), diff, allow_unused=True)
+    for w_, g_ in zip(want, got):
+        if w_ is None:
+            assert g_ is None or not g_.abs().any()
+        else:
+            close(g_, w_, atol=1e-4, rtol=1e-3)
+
+
+def test_memory_update_specialises():
+    g = graph(MEMORY)
+    srcs = [memory_update.generate(n, g).source for n in nodes(g, Op.MEM_WRITE)]
+    assert "s = -g" in srcs[1] and "w = w + s" in srcs[1]                 # momentum and forget are 0
+    assert "tl.load(eta_ptr + b)" in srcs[0] and "tl.load(alpha_ptr + b)" in srcs[0]
+    assert "tl.erf" in srcs[1] and "tl.sigmoid(z)" in srcs[0] and "p += tl.load(k_ptr" in srcs[2]
+    assert "tl.minimum(tl.maximum(e, -1.0), 1.0)" in srcs[0] and "2.0 * e" in srcs[2]
+
+
 # -- through the emitter ---------------------------------------------------------------------------
 
 
@@ -328,6 +406,7 @@ def _all_sources():
     cases = [(SCANS, gated_scan, Op.LINEAR_SCAN), (ROUTES, routing, Op.ROUTE_TOPK), (ROUTES, routing, Op.GATHER)]
     cases += [(DECODE.replace("@WINDOW@", w).replace("@POLICIES@", p), decode_attention, Op.ATTEND)
               for w, p in _DEC_CASES.values()]
+    cases.append((MEMORY, memory_update, Op.MEM_WRITE))
     for src, family, op in cases:
         g = graph(src)
         for n in nodes(g, op):

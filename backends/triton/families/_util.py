@@ -44,9 +44,9 @@ def producer(graph: Graph, name: str) -> Node | None:
 
 
 def is_zero_fill(graph: Graph, name: str) -> bool:
-    """True when `name` is produced by `full` with the value 0 (a zero initial state)."""
+    """True when `name` is produced by `full` or `const` with the value 0 (a zero state or rate)."""
     n = producer(graph, name)
-    if n is None or n.attr("value") is None or n.op.value != "full":
+    if n is None or n.attr("value") is None or n.op.value not in ("full", "const"):
         return False
     v = sympy.sympify(n.attr("value"))
     return bool(v.is_number and float(v) == 0.0)
