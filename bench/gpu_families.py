@@ -15,7 +15,10 @@ Cases (B batch, T length, d features, H/Hk query/K-V heads, D head size):
 * routing: MoR-style route_topk write-back with weight and among masks (gather of the routed
   tokens, a cheap body, gated scatter-back), and its backward;
 * decode_attention: one new token per sample against an 8k-token cache, GQA; dense, ThinK with
-  half the key channels pruned, and LycheeDecode top-k (256 keys, 8 dense heads of 32).
+  half the key channels pruned, and LycheeDecode top-k (256 keys, 8 dense heads of 32);
+* memory_update: a Titans-sized mem_write (2-layer gelu MLP memory, d 512, hidden 1024, a
+  64-token chunk, momentum and forget gate). torch.compile runs the reference eagerly (it calls
+  autograd.grad), so there is no compiled column; the backward is torch's in both columns.
 
 `--smoke` runs every case on the CPU under TRITON_INTERPRET=1 at tiny sizes (numbers mean nothing;
 tests/test_triton_families.py runs it so the script does not rot).
@@ -44,7 +47,7 @@ import torch  # noqa: E402
 
 import archc.api as api  # noqa: E402
 from archc.backends import torch_runtime as rt  # noqa: E402
-from archc.backends.triton.families import decode_attention, gated_scan, routing  # noqa: E402
+from archc.backends.triton.families import decode_attention, gated_scan, memory_update, routing  # noqa: E402
 from archc.ir.ops import Op  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -169,18 +172,59 @@ def decode_cases(sizes, device):
     return out
 
 
+MEMORY = """
+arch Mem(d: int = 8, hidden: int = 16) {
+  input k: f32[B, T, d]
+  input v: f32[B, T, d]
+  input lr: f32[B, T]
+  input eta: f32[B]
+  input alpha: f32[B]
+  memory m = NeuralMemory(d, hidden = hidden, layers = 2)
+  m.write(k, v, lr = lr, momentum = eta, forget = alpha)
+  output y = m.read(k)
+}
+"""
+
+
+def memory_cases(sizes, device):
+    B, T, d, hidden = sizes["memory"]
+    fn, _, ks, node = _kernel(memory_update, MEMORY, Op.MEM_WRITE)
+    gen = torch.Generator(device).manual_seed(0)
+    k, v = (torch.nn.functional.normalize(torch.randn(B, T, d, device=device, generator=gen), dim=-1)
+            for _ in range(2))
+    lr = 0.1 * torch.rand(B, T, device=device, generator=gen)
+    eta, alpha = (torch.rand(B, device=device, generator=gen) for _ in range(2))
+    ws = [torch.randn(B, hidden, d, device=device, generator=gen) / d ** 0.5,
+          torch.randn(B, d, hidden, device=device, generator=gen) / hidden ** 0.5]
+    ss = [torch.zeros_like(w) for w in ws]
+
+    def eager(*a):
+        new_w, new_s = rt.memory_write(*a[:5], list(a[5:7]), list(a[7:]), "gelu", False, "mse")
+        return new_w + new_s
+
+    # torch.compile runs memory_write eagerly (it calls autograd.grad): no compiled column
+    return [(f"mem_write 2-layer gelu mse, B={B} chunk T={T} d={d} hidden={hidden}", ks, fn, eager,
+             [k, v, lr, eta, alpha] + ws + ss, True, False)]
+
+
 GPU_SIZES = {"scan": (16, 4096, 2048), "scan_compile_T": 128, "route": (8, 2048, 2048),
-             "decode": (8, 8192, 32, 8, 128), "decode_top": 256}
+             "decode": (8, 8192, 32, 8, 128), "decode_top": 256,
+             "memory": (8, 64, 512, 1024)}
 SMOKE_SIZES = {"scan": (2, 12, 5), "scan_compile_T": 12, "route": (2, 8, 6), "decode": (1, 40, 4, 2, 8),
-               "decode_top": 4}
-CASES = {"gated_scan": scan_cases, "routing": route_cases, "decode_attention": decode_cases}
+               "decode_top": 4, "memory": (2, 5, 6, 4)}
+CASES = {"gated_scan": scan_cases, "routing": route_cases, "decode_attention": decode_cases,
+         "memory_update": memory_cases}
+
+
+def _listed(out) -> list:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def bench(label, ks, archc, eager, args, differentiable, compile_ok, timer, smoke) -> list[dict]:
     base = {"family": ks.family, "case": label, "kernel": ks.name}
     with torch.no_grad():
         ref, got = eager(*args), archc(*args)
-        err = _max_err([got], [ref])
+        err = _max_err(_listed(got), _listed(ref))
         t_archc = timer(lambda: archc(*args))
         t_eager = timer(lambda: eager(*args))
         t_comp = None
@@ -191,7 +235,7 @@ def bench(label, ks, archc, eager, args, differentiable, compile_ok, timer, smok
     rows = [{**base, "mode": "fwd", "archc_us": 1e6 * t_archc, "eager_us": 1e6 * t_eager,
              "compile_us": None if t_comp is None else 1e6 * t_comp, "max_err": err}]
     if differentiable:
-        wrap = (lambda f: lambda *a: [f(*a)])
+        wrap = (lambda f: lambda *a: _listed(f(*a)))
         a_step, e_step = _train(wrap(archc), args), _train(wrap(eager), args)
         g_err = _max_err(list(a_step()), list(e_step()))
         row = {**base, "mode": "fwd+bwd", "archc_us": 1e6 * timer(a_step), "eager_us": 1e6 * timer(e_step),

@@ -373,22 +373,20 @@ def test_memory_update_specialises():
 # -- through the emitter ---------------------------------------------------------------------------
 
 
-def test_gated_rnn_through_the_triton_emitter_matches_the_interpreter():
-    """`--target triton` picks the gated-scan family for linear_scan; outputs and every gradient agree."""
+def _through_the_emitter(g, bindings, seq, family_call):
+    """`--target triton` on g: the family's launcher is called; outputs and parameter gradients agree."""
     from archc.backends.torch import state_key
     from archc.backends.triton.emit import generate
     from archc.ir.interpret import GraphModule
     from archc.testing import example_inputs
 
-    g = graph(open(os.path.join(os.path.dirname(__file__), "..", "examples", "gated_recurrences.arch")).read(),
-              "GatedRNN")
     code = generate([g]).source
-    assert "= gated_scan_" in code
-    mod = api.exec_module(code, "<archc-triton-families:gated>", "archc_triton_families_gated")
-    gm = GraphModule(g, {"d": 6}, seed=2)
-    m = mod.GatedRNN(d=6)
+    assert family_call in code
+    mod = api.exec_module(code, f"<archc-triton-families:{g.name}>", f"archc_triton_families_{g.name}")
+    gm = GraphModule(g, bindings, seed=2)
+    m = getattr(mod, g.name)(**bindings)
     m.load_state_dict({state_key(k): v.detach() for k, v in gm.param_dict().items()}, strict=True)
-    inputs = example_inputs(g, {"d": 6}, batch=2, seq=11, seed=4)
+    inputs = example_inputs(g, bindings, batch=2, seq=seq, seed=4)
     ref, out = gm(**inputs)["logits"], m(**inputs)
     close(out, ref)
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
@@ -397,6 +395,18 @@ def test_gated_rnn_through_the_triton_emitter_matches_the_interpreter():
     got = dict(m.named_parameters())
     for name, p in zip(gm.names, gm.weights):
         close(got[state_key(name)].grad, p.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_gated_rnn_through_the_triton_emitter_matches_the_interpreter():
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gated_recurrences.arch")
+    _through_the_emitter(graph(open(path).read(), "GatedRNN"), {"d": 6}, 11, "= gated_scan_")
+
+
+def test_titans_through_the_triton_emitter_matches_the_interpreter():
+    """The memory writes of every segment run the memory-update kernels; training gradients agree."""
+    import archc.stdlib as stdlib
+    (g,) = stdlib.graphs("titans")
+    _through_the_emitter(g, {"d": 16, "seg": 4, "persist": 2, "heads": 2}, 8, "= memory_update_")
 
 
 # -- every family ---------------------------------------------------------------------------------
@@ -432,5 +442,5 @@ def test_family_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     import json
     data = json.loads((tmp_path / "gpu_families_smoke.json").read_text())
-    assert {r["family"] for r in data["rows"]} == {"gated_scan", "routing", "decode_attention"}
+    assert {r["family"] for r in data["rows"]} == {"gated_scan", "routing", "decode_attention", "memory_update"}
     assert all(r["max_err"] < 1e-4 for r in data["rows"])
