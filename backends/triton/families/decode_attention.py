@@ -244,6 +244,9 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
     use_dot = min(D, DV) >= 16 and (n_old == 0 or kept_n >= 16)     # tl.dot needs 16-wide tiles
 
     def run(meta):
+        dot = use_dot and top == 0 and meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16
+        if not dot:      # broadcast products are [BLOCK_M, BLOCK_N, D]: no more rows than there are
+            meta = dict(meta, BLOCK_M=min(meta["BLOCK_M"], triton.next_power_of_2(Tq * hg)))
         if rows_per_head:
             grid = (triton.cdiv(Tq * hg, meta["BLOCK_M"]), heads // hg, B)
         else:
@@ -251,7 +254,7 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
         kernel[grid](q, ko, kept, kn, v, qpos, idx, out, lse, Tq, Tk, n_old, H, HK, H // HK, hg, h0, D, DV,
                      kept_n, top, window, 1.0 / D ** 0.5, BLOCK_D=triton.next_power_of_2(D),
                      BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=triton.next_power_of_2(max(kept_n, 1)),
-                     USE_DOT=use_dot and meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16, **meta)
+                     USE_DOT=dot, **meta)
     run(_@NAME@_config(tag, (B, Tq * hg, heads, Tk), config, run))
 
 
