@@ -311,8 +311,12 @@ def _rope(em, n, ins):
 
 EMIT[Op.LINEAR_SCAN] = lambda em, n, ins: f"{em.rt('linear_scan')}({', '.join(ins)}, {n.attr('axis')})"
 EMIT[Op.LINEAR_ATTN] = lambda em, n, ins: f"{em.rt('linear_attn')}({', '.join(ins)})"
-EMIT[Op.MEM_READ] = lambda em, n, ins: (f"{em.rt('mlp_memory')}({ins[0]}, [{', '.join(ins[1:])}], "
-                                        f"{json.dumps(n.attr('act'))}, {bool(n.attr('residual'))})")
+@rule(Op.MEM_READ)
+def _mem_read(em, n, ins):
+    ws = f"[{', '.join(ins[1:])}]"
+    if n.attr("retention") == "lq":
+        ws = f"{em.rt('lq_normalize')}({ws}, {float(n.attr('q'))!r})"
+    return f"{em.rt('mlp_memory')}({ins[0]}, {ws}, {json.dumps(n.attr('act'))}, {bool(n.attr('residual'))})"
 EMIT[Op.BANK_PUSH] = lambda em, n, ins: f"{em.rt('bank_push')}({', '.join(ins)})"
 EMIT[Op.BANK_VALID] = lambda em, n, ins: f"{em.rt('bank_valid')}({', '.join(ins)})"
 
@@ -320,9 +324,13 @@ EMIT[Op.BANK_VALID] = lambda em, n, ins: f"{em.rt('bank_valid')}({', '.join(ins)
 @rule(Op.MEM_WRITE)
 def _mem_write(em, n, ins):
     L = int(n.attr("layers"))
-    ws, ms = ", ".join(ins[5:5 + L]), ", ".join(ins[5 + L:])
+    ws, ms = ", ".join(ins[5:5 + L]), ", ".join(ins[5 + L:5 + 2 * L])
+    extra = "".join(f", {k}={json.dumps(n.attr(k)) if k == 'retention' else repr(float(n.attr(k)))}"
+                    for k in ("retention", "q", "p") if n.attr(k) is not None)
+    if n.attr("has_delta"):
+        extra += f", delta={ins[5 + 2 * L]}"
     return (f"{em.rt('memory_write')}({', '.join(ins[:5])}, [{ws}], [{ms}], {json.dumps(n.attr('act'))}, "
-            f"{bool(n.attr('residual'))}, {json.dumps(n.attr('loss'))})")
+            f"{bool(n.attr('residual'))}, {json.dumps(n.attr('loss'))}{extra})")
 
 
 def _mem_write_node(em: _Emitter, n: Node, indent: int):
@@ -835,6 +843,8 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     if uses_math or runtime & {"attention"}:
         out += ["import math", ""]
     out += ["import torch", "import torch.nn.functional as F", *imports, "from torch import nn"]
+    if "memory_write" in runtime:
+        runtime.add("lq_normalize")            # memory_write applies it for the l_q retention
     if runtime & {"mlp_memory", "memory_write"}:
         runtime.add("mlp_memory")
         out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]

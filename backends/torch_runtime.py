@@ -129,30 +129,52 @@ def mlp_memory(q, ws, act: str, residual: bool):
     return h.reshape(shape[:-1] + (h.shape[-1],))
 
 
-@torch.compiler.disable
-def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, loss: str):
-    """One inner step: S = momentum*S - grad(sum_t lr_t * loss(M(k_t), v_t)); W = (1-forget)*W + S.
+def lq_normalize(ws, q: float):
+    """Moneta's l_q retention: the memory applies W = A / ||A||_q^(q-2) of its accumulator A (per sample)."""
+    return [a / a.abs().pow(q).sum(dim=(-2, -1), keepdim=True).pow((q - 2) / q).clamp_min(1e-12) for a in ws]
 
-    Gradients are taken per sample (weights are per sample). Under an outer autograd pass the step
-    is differentiable (create_graph), so the memory trains end to end. torch.compile runs this
-    step eagerly (an autograd.grad inside a compiled graph is not supported by AOTAutograd).
+
+@torch.compiler.disable
+def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, loss: str,
+                 retention: str = "l2", q: float = 4.0, p: float = 3.0, delta=None):
+    """One inner step: S = momentum*S - grad(sum_t lr_t * loss(M(k_t), v_t)), then the retention rule:
+    l2: W = (1-forget)*W + S;  lq: A = (1-forget)*A + S with W = A / ||A||_q^(q-2) applied;
+    kl: W = softmax((1-forget)*log W + S) per row (the weights stay on the simplex).
+
+    Losses per token (mean over features): mse (e^2), l1 |e|, huber, lp (e^2 + 1e-6)^(p/2), yaad
+    (e^2 while ||e|| <= delta_t, else delta_t * |e|, |e| smoothed as sqrt(e^2 + 1e-6)).
+    Gradients are taken per sample (weights are per sample) at the weights the memory applies.
+    Under an outer autograd pass the step is differentiable (create_graph), so the memory trains end
+    to end. torch.compile runs this step eagerly (an autograd.grad inside a compiled graph is not
+    supported by AOTAutograd).
     """
     outer = torch.is_grad_enabled()
+    applied = lq_normalize(ws, q) if retention == "lq" else ws
     with torch.enable_grad():
         # a fresh node per weight: the inner gradient is d loss / d W with k and v held fixed, even
         # when k and v were themselves computed from this memory (clone keeps the outer graph)
-        leaf = [w.clone() if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in ws]
+        leaf = [w.clone() if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in applied]
         err = mlp_memory(k, leaf, act, residual) - v
         if loss == "mse":
             per_token = err.pow(2).mean(-1)
         elif loss == "l1":
             per_token = err.abs().mean(-1)
+        elif loss == "lp":
+            per_token = (err.pow(2) + 1e-6).pow(p / 2).mean(-1)
+        elif loss == "yaad":
+            small = err.norm(dim=-1) <= delta.reshape(err.shape[:-1])
+            per_token = torch.where(small, err.pow(2).mean(-1),
+                                    delta.reshape(err.shape[:-1]) * (err.pow(2) + 1e-6).sqrt().mean(-1))
         else:
             per_token = F.huber_loss(err, torch.zeros_like(err), reduction="none").mean(-1)
         total = (per_token.reshape(lr.shape) * lr).sum()
         grads = torch.autograd.grad(total, leaf, create_graph=outer and any(w.requires_grad for w in ws))
     new_m = [momentum.reshape((-1,) + (1,) * (m.dim() - 1)) * m - g for m, g in zip(ms, grads)]
-    new_w = [(1 - forget.reshape((-1,) + (1,) * (w.dim() - 1))) * w + m for w, m in zip(ws, new_m)]
+    keep = [1 - forget.reshape((-1,) + (1,) * (w.dim() - 1)) for w in ws]
+    if retention == "kl":
+        new_w = [torch.softmax(f * w.clamp_min(1e-30).log() + m, dim=-1) for f, w, m in zip(keep, ws, new_m)]
+    else:
+        new_w = [f * w + m for f, w, m in zip(keep, ws, new_m)]
     return new_w, new_m
 
 

@@ -48,6 +48,8 @@ def _nm_init(al, frame, c, span):
     ws, ms = [], []
     for i, (o, inp) in enumerate(_nm_shapes(c)):
         w = al.param(frame, f"w{i}", (o, inp), "normal", span, std=as_expr(inp) ** sympy.Rational(-1, 2))
+        if c["retention"] == "kl":         # the weights live on the simplex (per row): the parameters are logits
+            w = al.b.emit1(Op.SOFTMAX, [w], {"axis": -1}, span, name=f"{frame.path}_simplex{i}")
         ws.append(al.b.emit1(Op.BROADCAST, [w], {"shape": [_av(B), _av(o), _av(inp)]}, span, name=f"{frame.path}_w{i}"))
         ms.append(al.b.emit1(Op.FULL, [], {"shape": [_av(B), _av(o), _av(inp)], "value": 0.0, "dtype": "f32"}, span,
                              name=f"{frame.path}_m{i}"))
@@ -55,7 +57,21 @@ def _nm_init(al, frame, c, span):
 
 
 def _nm_attrs(c):
-    return {"layers": int(c["layers"]), "act": c["act"], "residual": bool(c["residual"])}
+    attrs = {"layers": int(c["layers"]), "act": c["act"], "residual": bool(c["residual"])}
+    if c["retention"] != "l2":
+        attrs["retention"] = c["retention"]
+    if c["retention"] == "lq":
+        attrs["q"] = float(c["q"])
+    return attrs
+
+
+def _nm_write_attrs(c):
+    attrs = dict(_nm_attrs(c), loss=c["loss"])
+    if c["loss"] == "lp":
+        attrs["p"] = float(c["p"])
+    if c["loss"] == "yaad":
+        attrs["has_delta"] = True
+    return attrs
 
 
 def _nm_read(al, mem, c, a, span, hint):
@@ -81,7 +97,13 @@ def _nm_write(al, mem, c, a, span, hint):
     mom = _gate(al, a["momentum"], (B,), span, "momentum")
     fg = _gate(al, a["forget"], (B,), span, "forget")
     n = int(c["layers"])
-    outs = al.b.emit(Op.MEM_WRITE, [k, v, lr, mom, fg, *mem.state], dict(_nm_attrs(c), loss=c["loss"]), span,
+    extra = []
+    if c["loss"] == "yaad":              # the per-token threshold between the l2 and l1 regimes
+        extra = [_gate(al, a["delta"], (B, T), span, "delta")]
+    elif not (isinstance(a["delta"][0], Static) and a["delta"][0] is _NO_DELTA):
+        raise al.err("`delta` is the threshold of the \"yaad\" loss; this memory's loss is "
+                     f"\"{c['loss']}\"", a["delta"][1])
+    outs = al.b.emit(Op.MEM_WRITE, [k, v, lr, mom, fg, *mem.state, *extra], _nm_write_attrs(c), span,
                      names=[f"{mem.name}_w{i}" for i in range(n)] + [f"{mem.name}_m{i}" for i in range(n)])
     return None, tuple(outs)
 
@@ -174,14 +196,17 @@ def _av(v):
 
 
 _NONE = Static(sympy.Integer(-1), "int")
+_NO_DELTA = Static(sympy.Float(1.0), "float")
 MEMORIES: dict[str, MemoryKind] = {m.name: m for m in [
     MemoryKind("NeuralMemory",
                Sig((("d", _REQ), ("hidden", _NONE), ("layers", S(2)), ("act", StrVal("gelu", None)),
-                    ("residual", S(False)), ("loss", StrVal("mse", None)))),
+                    ("residual", S(False)), ("loss", StrVal("mse", None)), ("p", S(3.0)),
+                    ("retention", StrVal("l2", None)), ("q", S(4.0)))),
                _nm_init,
                {"read": (Sig((("q", _REQ),)), _nm_read, False),
                 "weights": (Sig(()), _nm_weights, False),
-                "write": (Sig((("k", _REQ), ("v", _REQ), ("lr", _REQ), ("momentum", S(0.0)), ("forget", S(0.0)))),
+                "write": (Sig((("k", _REQ), ("v", _REQ), ("lr", _REQ), ("momentum", S(0.0)), ("forget", S(0.0)),
+                               ("delta", _NO_DELTA))),
                           _nm_write, True)},
                "an MLP memory trained at test time: S = eta*S - grad(lr*loss(M(k), v)); M = (1-forget)*M + S"),
     MemoryKind("LinearMemory", Sig((("dk", _REQ), ("dv", _REQ))), _lm_init,
@@ -210,7 +235,8 @@ def declare_memory(al, decl: A.MemoryDecl, scope, frame) -> MemInst:
     c: dict = {}
     for key, (v, span) in raw.items():
         if isinstance(v, StrVal):
-            choices = {"act": ("gelu", "relu", "silu", "tanh"), "loss": ("mse", "l1", "huber")}.get(key)
+            choices = {"act": ("gelu", "relu", "silu", "tanh"), "loss": ("mse", "l1", "huber", "lp", "yaad"),
+                       "retention": ("l2", "lq", "kl")}.get(key)
             c[key] = str_arg(al, (v, span), f"`{key}`", choices)
         elif isinstance(v, list):
             c[key] = [int_arg(al, (x, span), f"`{key}`") if isinstance(x, Static) else _bad(al, span, key) for x in v]
@@ -218,6 +244,8 @@ def declare_memory(al, decl: A.MemoryDecl, scope, frame) -> MemInst:
             c[key] = v.expr == sympy.true
         elif v is _NONE:
             c[key] = None
+        elif key in ("p", "q"):
+            c[key] = _exponent(al, (v, span), key)
         else:
             c[key] = int_arg(al, (v, span), f"`{key}` of {decl.kind}")
             val = as_expr(c[key]).subs(al.defaults)
@@ -232,6 +260,16 @@ def declare_memory(al, decl: A.MemoryDecl, scope, frame) -> MemInst:
     from dataclasses import replace
     state, extra = kind.init(al, replace(frame, path=path), c, decl.span)
     return MemInst(decl.name, decl.kind, path, c, state, decl.span, extra)
+
+
+def _exponent(al, a, key) -> float:
+    v, span = a
+    if not isinstance(v, Static) or v.kind == "bool" or not sympy.sympify(v.expr).is_number:
+        raise al.err(f"`{key}` of NeuralMemory must be a literal number", span)
+    x = float(v.expr)
+    if (key == "p" and x < 1) or (key == "q" and x <= 1):
+        raise al.err(f"`{key}` of NeuralMemory must be {'at least 1' if key == 'p' else 'above 1'}, got {x:g}", span)
+    return x
 
 
 def _bad(al, span, key):

@@ -379,14 +379,22 @@ def _attend(it, n, ins, vals):
 
 IMPL[Op.LINEAR_SCAN] = lambda it, n, ins, vals: [rt.linear_scan(*ins, _axis(it, n))]
 IMPL[Op.LINEAR_ATTN] = lambda it, n, ins, vals: list(rt.linear_attn(*ins))
-IMPL[Op.MEM_READ] = lambda it, n, ins, vals: [rt.mlp_memory(ins[0], ins[1:], n.attr("act"), bool(n.attr("residual")))]
+@impl(Op.MEM_READ)
+def _mem_read(it, n, ins, vals):
+    ws = ins[1:]
+    if n.attr("retention") == "lq":
+        ws = rt.lq_normalize(ws, float(n.attr("q")))
+    return [rt.mlp_memory(ins[0], ws, n.attr("act"), bool(n.attr("residual")))]
 
 
 @impl(Op.MEM_WRITE)
 def _mem_write(it, n, ins, vals):
     L = int(n.attr("layers"))
+    extra = {k: n.attr(k) for k in ("retention", "q", "p") if n.attr(k) is not None}
+    if n.attr("has_delta"):
+        extra["delta"] = ins[5 + 2 * L]
     ws, ms = rt.memory_write(*ins[:5], ins[5:5 + L], ins[5 + L:5 + 2 * L], n.attr("act"), bool(n.attr("residual")),
-                             n.attr("loss"))
+                             n.attr("loss"), **extra)
     return ws + ms
 
 

@@ -238,3 +238,105 @@ def test_titans_memory_reaches_past_the_attention_window(arch):
     # ... except through the long-term memory, written with token 0's chunk
     diff = [run(g, p, {"tokens": x})["logits"][0, 15] for x in (t, t2)]
     assert not torch.allclose(diff[0], diff[1], atol=1e-6)
+
+
+# -- 30 Miras (Moneta, Yaad, Memora) -----------------------------------------------------------------
+
+MEM = """
+arch M(d: int = 8) {
+  input k: f32[B, T, d]
+  input v: f32[B, T, d]
+  input lr: f32[B, T]
+  input delta: f32[B, T]
+  memory mem = NeuralMemory(d, hidden = 16, residual = true OPTIONS)
+  mem.write(k, v, lr = lr, forget = 0.25 WRITE)
+  w0, w1 = mem.weights()
+  output w0 = w0
+  output w1 = w1
+  output y = mem.read(k)
+}
+"""
+
+
+def _memory(options="", write=""):
+    from archc.api import lower
+    (g,) = lower(MEM.replace("OPTIONS", options).replace("WRITE", write))
+    return g
+
+
+def _mem_inputs():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(2, 5, 8, generator=gen), dim=-1)
+    return {"k": k, "v": torch.randn(2, 5, 8, generator=gen), "lr": torch.rand(2, 5, generator=gen),
+            "delta": torch.full((2, 5), 1e9)}
+
+
+def test_yaad_with_an_infinite_threshold_is_the_l2_update():
+    inp = _mem_inputs()
+    mse = _memory()
+    p = init_params(mse, seed=0)
+    yaad = run(_memory(', loss = "yaad"', ", delta = delta"), p, inp)
+    ref = run(mse, p, inp)
+    for k in ("w0", "w1", "y"):
+        torch.testing.assert_close(yaad[k], ref[k])
+    # with a small threshold every token takes the (delta-scaled) l1 step instead
+    small = run(_memory(', loss = "yaad"', ", delta = delta"), p, dict(inp, delta=torch.full((2, 5), 1e-3)))
+    assert not torch.allclose(small["w1"], ref["w1"])
+
+
+def test_moneta_with_p_2_and_q_2_is_decayed_gradient_descent():
+    inp = _mem_inputs()
+    g = _memory(', loss = "lp", p = 2.0, retention = "lq", q = 2.0')
+    p = init_params(g, seed=0)
+    got, ref = run(g, p, inp), run(_memory(), p, inp)
+    for k in ("w0", "w1", "y"):
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_moneta_applies_the_lq_normalised_accumulator():
+    inp = _mem_inputs()
+    g = _memory(', loss = "lp", p = 3.0, retention = "lq", q = 4.0')
+    p = init_params(g, seed=0)
+    out = run(g, p, inp)
+    F = torch.nn.functional
+    A = [out["w0"], out["w1"]]                            # the state is the accumulator A
+    W = [a / a.pow(4).sum(dim=(-2, -1), keepdim=True).pow(0.5) for a in A]
+    y = F.gelu(inp["k"] @ W[0].transpose(1, 2)) @ W[1].transpose(1, 2) + inp["k"]
+    torch.testing.assert_close(out["y"], y, atol=1e-5, rtol=1e-4)
+    # and A moved by -lr * grad of the smoothed l3 loss, taken at the normalised weights of A_0
+    A0 = [p[f"mem.w{i}"].expand(2, -1, -1) for i in (0, 1)]
+    W0 = [(a / a.pow(4).sum(dim=(-2, -1), keepdim=True).pow(0.5)).clone().requires_grad_() for a in A0]
+    err = F.gelu(inp["k"] @ W0[0].transpose(1, 2)) @ W0[1].transpose(1, 2) + inp["k"] - inp["v"]
+    loss = ((err.pow(2) + 1e-6).pow(1.5).mean(-1) * inp["lr"]).sum()
+    G = torch.autograd.grad(loss, W0)
+    for a0, g_, a in zip(A0, G, A):
+        torch.testing.assert_close(a, 0.75 * a0 - g_, atol=1e-5, rtol=1e-4)
+
+
+def test_memora_keeps_its_weights_on_the_simplex_by_the_kl_rule():
+    inp = _mem_inputs()
+    g = _memory(', retention = "kl"')
+    p = init_params(g, seed=0)
+    out = run(g, p, inp)
+    for k in ("w0", "w1"):
+        assert (out[k] >= 0).all()
+        torch.testing.assert_close(out[k].sum(-1), torch.ones(out[k].shape[:-1]))
+    F = torch.nn.functional
+    W0 = [torch.softmax(p[f"mem.w{i}"], -1).expand(2, -1, -1).clone().requires_grad_() for i in (0, 1)]
+    err = F.gelu(inp["k"] @ W0[0].transpose(1, 2)) @ W0[1].transpose(1, 2) + inp["k"] - inp["v"]
+    G = torch.autograd.grad((err.pow(2).mean(-1) * inp["lr"]).sum(), W0)
+    for i in (0, 1):                                      # W1 = softmax(alpha log W0 - eta grad), alpha = 1 - 0.25
+        torch.testing.assert_close(out[f"w{i}"], torch.softmax(0.75 * W0[i].log() - G[i], -1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options,write,msg", [
+    (', loss = "lq"', "", "one of"),
+    (', retention = "l1"', "", "one of"),
+    (', loss = "lp", p = 0.5', "", "at least 1"),
+    (', retention = "lq", q = 1.0', "", "above 1"),
+    ("", ", delta = delta", "threshold of the \"yaad\" loss"),
+])
+def test_miras_memory_options_are_checked(options, write, msg):
+    from archc.errors import ArchError
+    with pytest.raises(ArchError, match=msg):
+        _memory(options, write)
