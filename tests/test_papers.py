@@ -340,3 +340,11 @@ def test_miras_memory_options_are_checked(options, write, msg):
     from archc.errors import ArchError
     with pytest.raises(ArchError, match=msg):
         _memory(options, write)
+
+
+def test_triton_memory_family_leaves_the_miras_rules_to_torch():
+    from archc.backends.triton.families import memory_update
+    from archc.ir.ops import Op
+    for g in stdlib.graphs("miras"):
+        writes = [n for n in g.walk() if n.op is Op.MEM_WRITE]
+        assert writes and not any(memory_update.matches(n, g) for n in writes), g.name

@@ -59,7 +59,8 @@ _TORCH_LOSS = {"mse": "err.pow(2).mean(-1)", "l1": "err.abs().mean(-1)",
 
 
 def matches(node: Node, graph: Graph) -> bool:
-    return node.op is Op.MEM_WRITE and node.attr("act") in _ACT and node.attr("loss") in _DLOSS
+    return (node.op is Op.MEM_WRITE and node.attr("act") in _ACT and node.attr("loss") in _DLOSS
+            and node.attr("retention") in (None, "l2"))      # lq / kl retention (Miras) are not generated
 
 
 def spec(node: Node, graph: Graph) -> tuple:
