@@ -374,7 +374,7 @@ def main(argv=None) -> int:
     copy = copy_bandwidth(device, timer, opts.smoke)
     meta = {"card": card, "smoke": opts.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "copy": copy, "families": [f.FAMILY for f in emit.families()]}
+            "copy": copy, "families": _family_names()}
     print(f"{card}: device-to-device copy {copy['gbps']:.0f} GB/s; families: {['fused'] + meta['families']}",
           flush=True)
     rows, errors = [], []
@@ -413,6 +413,13 @@ def main(argv=None) -> int:
     md, js = write(opts.out, card, meta, rows, errors)
     print(f"wrote {md} and {js} ({len(rows)} rows, {len(errors)} failures, {time.perf_counter() - start:.0f} s)")
     return 0 if rows else 1
+
+
+def _family_names() -> list[str]:
+    try:
+        return [f.FAMILY for f in emit.families()]
+    except Exception as err:  # a broken family module is reported by the models that reach it
+        return [f"unavailable ({type(err).__name__}: {err})"]
 
 
 def emit_graph(g):

@@ -17,8 +17,8 @@ Grouping is one walk per region in program order, keeping one open group:
 * a member whose value is read outside the group (a later node, a nested region, a yield) becomes
   a result; a result must have the shape S (a kernel writes each result once per element), so a
   member that would be a smaller result is left out and the region is planned again;
-* a group is kept when it has a norm or at least two ops (one elementwise op is one kernel
-  already).
+* a group is kept when it has a norm or at least two ops other than `cast` and `detach` (one
+  elementwise op is one kernel already).
 
 Nested regions (loop, scan and route bodies) are fused first, independently.
 """
@@ -144,7 +144,7 @@ def _region(r: Region, names: set[str], types: dict) -> Region:
                 bad = next(k for k, i in enumerate(grp.members) if wrong[0] in nodes[i].outputs)
                 split = grp.members[bad] if bad else grp.members[1]
                 break
-            ops = sum(1 for i in grp.members if nodes[i].op is not Op.CAST)
+            ops = sum(1 for i in grp.members if nodes[i].op not in (Op.CAST, Op.DETACH))
             if results and (grp.has_norm or ops >= 2):
                 plan.append((grp, results))
         if split is None:

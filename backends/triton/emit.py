@@ -104,7 +104,8 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", fams: li
     p = plan(graphs, fams)
     runtime = [inspect.getsource(triton_runtime.rows_cols).rstrip(),
                inspect.getsource(triton_runtime.rows_view).rstrip()]
-    prelude = tuple(runtime + [ks.source for ks in p.kernels.values()])
+    load = "_tune.load()  # this GPU's tuned kernel configurations (kernels without an entry use their default)"
+    prelude = tuple([load] + runtime + [ks.source for ks in p.kernels.values()])
     return torch_generate(graphs, source_file, doc,
                           make_emitter=lambda g, cached=False: TritonEmitter(g, p, cached),
                           imports=IMPORTS, prelude=prelude)

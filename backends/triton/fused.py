@@ -163,11 +163,12 @@ class _Writer:
                      "flat = rows * C + cols"]
         else:
             lines = ["flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-                     "inside = flat < R * C",
-                     "rows = flat // C",
-                     "cols = flat % C"]
+                     "inside = flat < R * C"]
+        loaded = [i for i, o in enumerate(self.ops) if not o.scalar and (used is None or i in used)]
+        if loaded and not self.rows:
+            lines += ["rows = flat // C", "cols = flat % C"]
         for i, o in enumerate(self.ops):
-            if o.scalar or (used is not None and i not in used):
+            if i not in loaded:
                 continue
             other = "0" if o.dtype is BOOL else "0.0"
             cast = "" if o.dtype is BOOL else ".to(tl.float32)"
