@@ -170,6 +170,20 @@ class _Emitter:
             return repr(float(v))
         return repr(int(v))
 
+    # hooks another backend overrides (the Triton backend calls generated kernels here) ---------
+    def route_gather(self, n: Node, x: str, pos: str) -> str:
+        """The tokens a route_topk node selects: x rows at pos."""
+        return f"{self.rt('gather_along')}({x}, {pos}, 1)"
+
+    def route_scatter(self, n: Node, args: list[str]) -> str:
+        """route_topk's write-back; args = (x, pos, x_sel, y, weight, among), absent gates as "None"."""
+        return f"{self.rt('route_scatter')}({', '.join(args)})"
+
+    def cached_attend(self, n: Node, args: list[str]) -> str:
+        """The K/V-cached step's attention; args = (key, site, q, k, v, positions, window, reads)."""
+        key, site, q, k, v, positions, window, reads = args
+        return f"cache.attend({key}, {site}, {q}, {k}, {v}, {positions}, {window}, reads={reads})"
+
     def assign(self, targets: list[str], sources: list[str], indent: int):
         pairs = [(t, s) for t, s in zip(targets, sources) if t != s]
         if pairs:
@@ -441,11 +455,11 @@ def _route_topk(em: _Emitter, n: Node, indent: int):
     em.out(f"{k} = max(1, math.floor({em.e(n.attr('capacity'))} * {x}.shape[1] + 1e-9))", indent)
     em.uses_math = True
     em.out(f"{pos} = {em.rt('route_select')}({score}, {k}{'' if among == 'None' else ', ' + among})", indent)
-    em.out(f"{xs} = {em.rt('gather_along')}({x}, {pos}, 1)", indent)
+    em.out(f"{xs} = {em.route_gather(n, x, pos)}", indent)
     em.region(r, indent)
     y = em.v(r.results[0])
     out, sel = (em.v(o.name) for o in n.outputs)
-    em.out(f"{out}, {sel} = {em.rt('route_scatter')}({x}, {pos}, {xs}, {y}, {weight}, {among})", indent)
+    em.out(f"{out}, {sel} = {em.route_scatter(n, [x, pos, xs, y, weight, among])}", indent)
 
 
 def _route_mask(em: _Emitter, n: Node, indent: int):
@@ -554,8 +568,7 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
     elif share:
         src = share.split(":")[-1]
         reads = json.dumps(src)                            # cross-layer: read the producer's entry
-    em.out(f"{em.v(n.out.name)} = cache.attend({key}, {site}, {q}, {k}, {v}, positions, {window}, reads={reads})",
-           indent)
+    em.out(f"{em.v(n.out.name)} = {em.cached_attend(n, [key, site, q, k, v, 'positions', window, reads])}", indent)
 
 
 _CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend}

@@ -81,10 +81,15 @@ from archc.testing import example_inputs
 
 @dataclass(frozen=True)
 class Case:
-    model: str
+    model: str                # a stdlib name, or a .arch path relative to the repository
     overrides: dict
     batch: int
     seq: int | None
+    arch: str | None = None   # only this architecture of the file
+
+    def graphs(self) -> list:
+        gs = api.check(ROOT / self.model) if self.model.endswith(".arch") else stdlib.graphs(self.model)
+        return [g for g in gs if self.arch is None or g.name == self.arch]
 
 
 # benchmark sizes: activations of 16-64 MiB so that kernels, not launches, dominate
@@ -98,8 +103,13 @@ GPU_CASES = [
     Case("think", {"d": 1024, "n_layers": 2}, batch=8, seq=1024),
     Case("memory_caching", {"d": 1024}, batch=8, seq=1024),
     Case("trm", {"d": 512}, batch=128, seq=81),
+    Case("examples/gated_recurrences.arch", {"d": 1024}, batch=8, seq=4096, arch="GatedRNN"),     # gated_scan
 ]
-SMOKE_CASES = [Case("depth_recurrent", {"steps": 2}, batch=2, seq=8)]
+# decode_attention serves the K/V-cached step: timed as whole decode steps (torch vs triton module)
+GPU_DECODE = [Case("think", {"d": 1024, "n_layers": 2}, batch=8, seq=4096)]
+SMOKE_CASES = [Case("depth_recurrent", {"steps": 2}, batch=2, seq=8),
+               Case("examples/gated_recurrences.arch", {}, batch=2, seq=8, arch="GatedRNN")]
+SMOKE_DECODE = [Case("think", {"n_layers": 1}, batch=1, seq=8)]
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -149,8 +159,8 @@ class Captured:
 
 def capture(g, case: Case, device: torch.device, per_model: int) -> list[Captured]:
     """Run the interpreter on the model; record the operands of each planned kernel's first run."""
-    plan = emit.plan([g])
-    targets = {id(n): n for n in g.walk() if plan.lookup(g, n) is not None}
+    plan = emit.plan([g])          # kernels that replace one node (not route regions, not the decode step)
+    targets = {id(n): n for n in g.walk() if plan.lookup(g, n) is not None and plan.lookup(g, n)[2] == "node"}
     if not targets:
         return []
     params = {k: v.to(device) for k, v in init_params(g, case.overrides, seed=0).items()}
@@ -166,7 +176,7 @@ def capture(g, case: Case, device: torch.device, per_model: int) -> list[Capture
 
         def run(it, n, ins, vals):
             if id(n) in targets and id(n) not in found:
-                family, ks = plan.lookup(g, n)
+                family, ks, _ = plan.lookup(g, n)
                 if family is fused_gen:
                     ops = fused_gen.operands(n, g)
                     names = [o.name for o in ops]
@@ -299,6 +309,44 @@ def bench_case(c: Captured, module, timer: Timer, peak: float, smoke: bool, do_t
     return rows
 
 
+def bench_decode(g, case: Case, device: torch.device, timer: Timer) -> list[dict]:
+    """One decode step after a prompt of `case.seq` tokens: the triton module vs the torch module.
+
+    The decode_attention family replaces `cache.attend` in the K/V-cached step; the rest of the
+    step is the same code in both modules (fused kernels aside), so the difference is the family's.
+    Each timed call appends one token to the cache (both modules alike). torch.compile is not run:
+    the step mutates a Python cache object.
+    """
+    from archc.backends.torch import generate as torch_generate
+    plan = emit.plan([g])
+    kernels = sorted({ks.name for (_, _, cached), (_, ks, _) in plan.by_node.items() if cached})
+    if not kernels:
+        return []
+    tmod = api.exec_module(emit.generate([g]).source, f"<bench-decode-triton:{g.name}>", f"bench_dt_{g.name}")
+    pmod = api.exec_module(torch_generate([g]).source, f"<bench-decode-torch:{g.name}>", f"bench_dp_{g.name}")
+    params = {k: v for k, v in case.overrides.items() if k in {s.name for s in g.symbols}}
+    a = getattr(pmod, g.name)(**params).to(device).eval()
+    b = getattr(tmod, g.name)(**params).to(device).eval()
+    b.load_state_dict(a.state_dict())
+    vocab = int(resolve_bindings(g, params).get("vocab", 16))
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (case.batch, case.seq), generator=gen).to(device)
+    tok = torch.randint(0, vocab, (case.batch, 1), generator=gen).to(device)
+    with torch.no_grad():
+        _, ca = a.prefill(prompt)
+        _, cb = b.prefill(prompt)
+        oa, _ = a.decode(tok, ca)
+        ob, _ = b.decode(tok, cb)
+        err = _max_err(_as_list(oa) if not isinstance(oa, dict) else list(oa.values()),
+                       _as_list(ob) if not isinstance(ob, dict) else list(ob.values()))
+        t_torch = timer(lambda: a.decode(tok, ca))
+        t_triton = timer(lambda: b.decode(tok, cb))
+    return [{"model": g.name, "family": "decode_attention", "kernel": ", ".join(kernels),
+             "doc": f"whole decode step after {case.seq} tokens (torch module = eager column)",
+             "shape": f"{case.batch}x1", "mode": "decode", "archc_us": 1e6 * t_triton, "eager_us": 1e6 * t_torch,
+             "compile_us": float("nan"), "max_err": err, "config": "default or cache"}]
+
+
 def _cfg_text(tuned: dict | None, ks) -> str:
     if not tuned:
         return "default " + ",".join(f"{k}={v}" for k, v in sorted(ks.default.items()))
@@ -379,7 +427,7 @@ def main(argv=None) -> int:
           flush=True)
     rows, errors = [], []
     for case in cases:
-        for g0 in stdlib.graphs(case.model):
+        for g0 in case.graphs():
             if time.perf_counter() - start > opts.budget_s:
                 errors.append({"model": g0.name, "error": f"skipped: past the {opts.budget_s:.0f} s budget"})
                 continue
@@ -408,8 +456,24 @@ def main(argv=None) -> int:
                           f"eager {r['eager_us']:9.1f} us  compile {r['compile_us']:9.1f} us  "
                           f"err {r['max_err']:.1e}", flush=True)
                 write(opts.out, card, meta, rows, errors)
-            if smoke_done(opts, rows):
-                break
+    for case in (SMOKE_DECODE if opts.smoke else GPU_DECODE):
+        if opts.models and case.model not in opts.models.split(","):
+            continue
+        for g0 in case.graphs():
+            if time.perf_counter() - start > opts.budget_s:
+                errors.append({"model": g0.name, "error": "decode: skipped: past the budget"})
+                continue
+            try:
+                new = bench_decode(emit_graph(g0), case, device, timer)
+            except Exception as err:
+                errors.append({"model": g0.name, "kernel": "decode", "error": f"{type(err).__name__}: {err}"})
+                traceback.print_exc()
+                continue
+            rows += new
+            for r in new:
+                print(f"{r['model']:<16} decode step: triton module {r['archc_us']:9.1f} us  "
+                      f"torch module {r['eager_us']:9.1f} us  err {r['max_err']:.1e}", flush=True)
+            write(opts.out, card, meta, rows, errors)
     md, js = write(opts.out, card, meta, rows, errors)
     print(f"wrote {md} and {js} ({len(rows)} rows, {len(errors)} failures, {time.perf_counter() - start:.0f} s)")
     return 0 if rows else 1
@@ -427,8 +491,6 @@ def emit_graph(g):
     return run_pipeline(g, PRESETS["O2"])
 
 
-def smoke_done(opts, rows) -> bool:
-    return opts.smoke and bool(rows)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ def test_gpu_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_smoke.json").read_text())
     assert not data["errors"]
-    modes = {r["mode"] for r in data["rows"]}
-    assert modes == {"fwd", "fwd+bwd"}
-    for r in data["rows"]:
-        assert r["family"] == "fused" and r["kernel"].startswith("fused_")
-        assert r["archc_us"] > 0 and r["eager_us"] > 0 and r["compile_us"] > 0
+    rows = data["rows"]
+    assert {r["mode"] for r in rows if r["family"] == "fused"} == {"fwd", "fwd+bwd"}
+    benched = {r["family"] for r in rows}
+    for family in ("gated_scan", "decode_attention"):          # kernel families present are benchmarked
+        if family in data["meta"]["families"]:
+            assert family in benched
+    for r in rows:
+        assert r["archc_us"] > 0 and r["eager_us"] > 0
         assert r["max_err"] < 1e-4                  # the kernel agrees with eager on the captured operands
     md = (tmp_path / "gpu_smoke.md").read_text()
     assert "| fused | DepthRecurrent |" in md and "mean nothing" in md

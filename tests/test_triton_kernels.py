@@ -146,23 +146,56 @@ def test_every_elementwise_op_forward_and_backward():
 
 
 _SMALL = {"depth_recurrent": {"steps": 2}, "hrm": {"h_cycles": 1, "l_cycles": 1}, "mor": {"n_r": 2},
-          "think": {"n_layers": 2}, "move": {"n_layers": 1}}
+          "think": {"n_layers": 2}, "move": {"n_layers": 1}, "trm": {"h_cycles": 1, "l_cycles": 1}}
+
+
+def _o2(name):
+    from archc.passes import PRESETS, run_pipeline
+    return [run_pipeline(g, PRESETS["O2"]) for g in stdlib.graphs(name)]
 
 
 @pytest.mark.parametrize("name", stdlib.names())
-def test_every_stdlib_model_forward_and_backward(name):
-    """The `--target triton` module of every stdlib model: outputs, parameter and input gradients."""
-    from archc.passes import PRESETS, run_pipeline
-    graphs = [run_pipeline(g, PRESETS["O2"]) for g in stdlib.graphs(name)]
+def test_every_kernel_of_every_stdlib_model(name):
+    """Each distinct kernel of the model's `--target triton` module, forward and backward, on the operands
+    the model feeds it (captured from an interpreter run), against the interpreter's op implementations."""
+    from bench.gpu import Case, capture, variants, _max_err, _train
+    for g in _o2(name):
+        over = {k: v for k, v in _SMALL.get(name, {}).items() if k in {s.name for s in g.symbols}}
+        mod, _ = _module([g], f"k_{g.name}")
+        found = capture(g, Case(name, over, batch=2, seq=None), torch.device("cpu"), per_model=1000)
+        assert found or g.name in ()
+        for c in found:
+            archc_fn, eager_fn, _ = variants(c, mod, smoke=True)
+            with torch.no_grad():
+                assert _max_err(archc_fn(*c.args), eager_fn(*c.args)) < 1e-5, c.ks.doc
+            if c.ks.needs_grad:
+                got, ref = _train(archc_fn, c.args)(), _train(eager_fn, c.args)()
+                for a, b in zip(got, ref):
+                    if b is not None:
+                        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", stdlib.names())
+def test_every_stdlib_model_forward(name):
+    """The whole `--target triton` module of every stdlib model agrees with the interpreter."""
+    graphs = _o2(name)
     mod, code = _module(graphs, name)
     assert code.count("@triton.jit") >= 2
     for g in graphs:
-        over = {k: v for k, v in _SMALL.get(name, {}).items() if k in {s.name for s in g.symbols}}
-        _compare_small(g, mod, over)
+        _compare_small(g, mod, name, grads=False)
 
 
-def _compare_small(g, mod, over):
-    gm_inputs = example_inputs(g, over, seed=1)
-    if "adj" in gm_inputs:
-        gm_inputs["adj"] = gm_inputs["adj"] | torch.eye(gm_inputs["adj"].shape[-1], dtype=torch.bool)
-    _compare(g, mod, gm_inputs, overrides=over)
+@pytest.mark.parametrize("name", ["depth_recurrent", "mor"])
+def test_stdlib_model_training_step(name):
+    """Outputs, parameter and input gradients through loops, fused kernels and routed kernels."""
+    graphs = _o2(name)
+    mod, _ = _module(graphs, f"train_{name}")
+    _compare_small(graphs[0], mod, name)
+
+
+def _compare_small(g, mod, name, grads=True):
+    over = {k: v for k, v in _SMALL.get(name, {}).items() if k in {s.name for s in g.symbols}}
+    inputs = example_inputs(g, over, seed=1)
+    if "adj" in inputs:
+        inputs["adj"] = inputs["adj"] | torch.eye(inputs["adj"].shape[-1], dtype=torch.bool)
+    _compare(g, mod, inputs, overrides=over, grads=grads)

@@ -6,8 +6,13 @@ The module is the torch backend's module (same class, parameters, state_dict, de
   launcher (`fused.generate`): forward and backward Triton kernels behind a
   `torch.autograd.Function`;
 * every node some kernel family matches (`archc.backends.triton.families`, see kernel.py)
-  becomes a call of that family's launcher, in the full forward (the K/V-cached decode step keeps
-  the torch path for everything but fused regions: its attention reads the cache);
+  becomes a call of that family's launcher (`matches` / `call`);
+* a region node a family matches with `region_matches` (route_topk) keeps its region in torch
+  while the family's launchers do the token gather (`gather_call`) and the write-back (`call`);
+* in the K/V-cached decode step (prefill/decode), an attention site a family matches with
+  `matches_cached` calls `call_cached` instead of `cache.attend`; the step's other nodes follow
+  the rules above except that plain `matches` families stay out (the step runs without autograd
+  concerns, but the cache, not the node, owns K/V there);
 * everything else stays torch.
 
 Kernel sources are pasted in once each (deduplicated by name), after the runtime helpers. The
@@ -46,23 +51,34 @@ def families() -> list:
 
 @dataclass
 class Plan:
-    """Which kernel each node uses, decided before any code is emitted (so names are reserved)."""
+    """Which kernel each node uses, decided before any code is emitted (so names are reserved).
+
+    A node's entry is (family, kernel source, how): how is "node" (the launcher replaces the node),
+    "region" (route_topk: gather and write-back launchers around the region) or "cached" (the
+    K/V-cached step's attention).
+    """
 
     kernels: dict[str, KernelSource] = field(default_factory=dict)      # by launcher name, in order
-    by_node: dict[tuple[str, int], tuple[object, KernelSource]] = field(default_factory=dict)
+    by_node: dict[tuple[str, int, bool], tuple[object, KernelSource, str]] = field(default_factory=dict)
 
-    def add(self, g: Graph, n: Node, family, ks: KernelSource) -> None:
+    def add(self, g: Graph, n: Node, family, ks: KernelSource, how: str = "node") -> None:
         self.kernels.setdefault(ks.name, ks)
-        self.by_node[(g.name, id(n))] = (family, ks)
+        self.by_node[(g.name, id(n), how == "cached")] = (family, ks, how)
 
-    def lookup(self, g: Graph, n: Node):
-        return self.by_node.get((g.name, id(n)))
+    def lookup(self, g: Graph, n: Node, cached: bool = False):
+        return self.by_node.get((g.name, id(n), cached))
+
+
+def _has_kv_step(g: Graph) -> bool:
+    from archc.ir.analysis import kv_decode_blocker, lm_token_input
+    return lm_token_input(g) is not None and kv_decode_blocker(g) is None
 
 
 def plan(graphs: list[Graph], fams: list | None = None) -> Plan:
     fams = families() if fams is None else fams
     p = Plan()
     for g in graphs:
+        kv_step = _has_kv_step(g)
         for n in g.walk():
             if n.op is Op.FUSED:
                 if any(not o.scalar for o in fused_gen.operands(n, g)):
@@ -72,6 +88,14 @@ def plan(graphs: list[Graph], fams: list | None = None) -> Plan:
                 if fam.matches(n, g):
                     p.add(g, n, fam, fam.generate(n, g))
                     break
+                if n.regions and getattr(fam, "region_matches", None) and fam.region_matches(n, g):
+                    p.add(g, n, fam, fam.generate(n, g), "region")
+                    break
+            if kv_step:
+                for fam in fams:
+                    if getattr(fam, "matches_cached", None) and fam.matches_cached(n, g):
+                        p.add(g, n, fam, fam.generate(n, g), "cached")
+                        break
     return p
 
 
@@ -86,9 +110,9 @@ class TritonEmitter(_Emitter):
 
     def node(self, n: Node, indent: int):
         hit = self.plan.lookup(self.g, n)
-        if hit is None or (self.cached and hit[0] is not fused_gen):
+        if hit is None or hit[2] == "region" or (self.cached and hit[0] is not fused_gen):
             return super().node(n, indent)
-        family, ks = hit
+        family, ks, _ = hit
         self.kernels_used.add(ks.name)
         if family is fused_gen:
             args = [self.v(o.name) for o in fused_gen.operands(n, self.g)]
@@ -97,6 +121,32 @@ class TritonEmitter(_Emitter):
             expr = family.call(n, ks, [self.v(i) for i in n.inputs])
         outs = [self.v(o.name) for o in n.outputs]
         self.out(f"{', '.join(outs)} = {expr}" + ("  # " + ks.doc if ks.doc else ""), indent)
+
+    def _region_hit(self, n: Node):
+        hit = self.plan.lookup(self.g, n)
+        if hit is not None and hit[2] == "region":
+            self.kernels_used.add(hit[1].name)
+            return hit
+        return None
+
+    def route_gather(self, n: Node, x: str, pos: str) -> str:
+        hit = self._region_hit(n)
+        return hit[0].gather_call(n, hit[1], [x, pos]) if hit else super().route_gather(n, x, pos)
+
+    def route_scatter(self, n: Node, args: list[str]) -> str:
+        hit = self._region_hit(n)
+        if not hit:
+            return super().route_scatter(n, args)
+        x, pos, xs, y, weight, among = args
+        gates = ([weight] if n.attr("has_weight") else []) + ([among] if n.attr("has_among") else [])
+        return hit[0].call(n, hit[1], [x, pos, xs, y, *gates])
+
+    def cached_attend(self, n: Node, args: list[str]) -> str:
+        hit = self.plan.lookup(self.g, n, cached=True)
+        if hit is None:
+            return super().cached_attend(n, args)
+        self.kernels_used.add(hit[1].name)
+        return hit[0].call_cached(n, hit[1], args)
 
 
 def generate(graphs: list[Graph], source_file: str = "", doc: str = "", fams: list | None = None) -> GeneratedCode:
