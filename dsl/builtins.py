@@ -341,6 +341,15 @@ def _fill(value):
     return h
 
 
+def _floor(al, a, span, hint):
+    """floor of a compile-time number: an int (e.g. a schedule picking a depth from a uniform draw)."""
+    v, vspan = a["x"]
+    if not isinstance(v, Static) or v.kind == "bool":
+        raise al.err("`floor` takes a compile-time number", vspan,
+                     hint="it computes integers for sizes, depths and schedules; tensors have no floor op")
+    return Static(sympy.floor(v.expr), "int")
+
+
 def _arange(al, a, span, hint):
     return al.b.emit1(Op.ARANGE, [], {"n": _attr(int_arg(al, a["n"], "n"))}, span, name=hint)
 
@@ -430,6 +439,7 @@ BUILTINS: dict[str, tuple[Sig, Callable]] = {
     "ones": (Sig((("shape", _REQ),)), _fill(1.0)),
     "full": (Sig((("shape", _REQ), ("value", _REQ))), _fill(None)),
     "arange": (Sig((("n", _REQ),)), _arange),
+    "floor": (Sig(X), _floor),
     "float": (Sig(X), _cast("f32")),
     "int": (Sig(X), _cast("i64")),
     "linear_scan": (Sig((("a", _REQ), ("b", _REQ), ("h0", _REQ), ("axis", S(1)))), _linear_scan),

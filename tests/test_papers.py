@@ -348,3 +348,28 @@ def test_triton_memory_family_leaves_the_miras_rules_to_torch():
     for g in stdlib.graphs("miras"):
         writes = [n for n in g.walk() if n.op is Op.MEM_WRITE]
         assert writes and not any(memory_update.matches(n, g) for n in writes), g.name
+
+
+# -- 42 SortedNet --------------------------------------------------------------------------------------
+
+
+def test_sortednet_sampler_draws_every_sub_network_uniformly():
+    (g,) = stdlib.graphs("sortednet")
+    draws = [schedule_values(g, "sample", (i + 0.5) / 300)["depth"] for i in range(300)]
+    assert {d: draws.count(d) for d in set(draws)} == {2: 100, 4: 100, 6: 100}
+
+
+def test_sortednet_sub_networks_are_nested_prefixes_with_shared_parameters():
+    (g,) = stdlib.graphs("sortednet")
+    m = GraphModule(g, seed=0)
+    names = [p.name for p in g.params]
+    tokens = torch.randint(0, 64, (2, 5))
+    for u, depth in ((0.1, 2), (0.5, 4), (0.9, 6)):
+        assert m.apply_schedule("sample", u)["depth"] == depth
+        m.zero_grad()
+        m(tokens=tokens)["logits"].pow(2).mean().backward()
+        grad = m.param_dict()["layers.attn.q.weight"].grad        # [n_layers, d, d]: one slice per layer
+        used = [bool(grad[i].abs().sum() > 0) for i in range(6)]
+        assert used == [i < depth for i in range(6)]               # exactly the first `depth` layers
+        assert m.param_dict()["head.weight"].grad.abs().sum() > 0  # the shared head serves every exit
+    assert [p.name for p in g.params] == names                     # no sub-network adds a parameter

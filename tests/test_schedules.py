@@ -100,3 +100,11 @@ def test_schedule_only_at_the_top_level():
     src = SRC.replace("    h = tanh(lin(h))", "    h = tanh(lin(h))\n    schedule s(p: float) {\n      w = p\n    }")
     with pytest.raises(ArchError, match="top level"):
         api.lower(src)
+
+
+def test_floor_is_a_compile_time_int():
+    src = SRC.replace("    depth = steps * (steps + 1)", "    depth = floor(progress * 10) // 3")
+    (g,) = api.lower(src)
+    assert schedule_values(g, "curriculum", 0.95)["depth"] == 3
+    with pytest.raises(ArchError, match="compile-time number"):
+        api.lower(SRC.replace("  output y = h", "  output y = h\n  output z = floor(h)"))
