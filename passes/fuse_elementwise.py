@@ -56,6 +56,8 @@ def fusible(n: Node, types: dict) -> bool:
     """Can `n` be a member of a fusion region?"""
     if n.op not in FUSIBLE_OPS or any(o.type.dtype not in _VALUE_DTYPES for o in n.outputs):
         return False
+    if any(isinstance(v, sympy.Basic) and not v.is_number for _, v in n.attrs):
+        return False          # a symbolic eps: kernels take attributes as literals
     return n.op is Op.CAST or all(types[i].dtype in _VALUE_DTYPES for i in n.inputs)
 
 
