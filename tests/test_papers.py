@@ -373,3 +373,72 @@ def test_sortednet_sub_networks_are_nested_prefixes_with_shared_parameters():
         assert used == [i < depth for i in range(6)]               # exactly the first `depth` layers
         assert m.param_dict()["head.weight"].grad.abs().sum() > 0  # the shared head serves every exit
     assert [p.name for p in g.params] == names                     # no sub-network adds a parameter
+
+
+# -- 3 Stochastic KV routing ------------------------------------------------------------------------
+
+
+def test_stochastic_kv_routing_trains_on_random_maps_and_deploys_the_shared_one():
+    (g,) = stdlib.graphs("stoch_kv_routing")
+    p = init_params(g, seed=0)
+    tokens = torch.randint(0, 64, (2, 6))
+    eval_out = run(g, p, {"tokens": tokens})["logits"]                   # deployment: always shared
+    src = stdlib.source("stoch_kv_routing")
+    from archc.api import lower
+    shared = lower(src.replace("stochastic_share(layer1.attn, source = layer0.attn, p = 0.5)",
+                               "share_kv(layer1.attn, source = layer0.attn)")
+                      .replace("stochastic_share(layer3.attn, source = layer2.attn, p = 0.5)",
+                               "share_kv(layer3.attn, source = layer2.attn)"))[0]
+    own = lower(src.replace("  cache stochastic_share(layer1.attn, source = layer0.attn, p = 0.5)\n", "")
+                   .replace("  cache stochastic_share(layer3.attn, source = layer2.attn, p = 0.5)\n", ""))[0]
+    torch.testing.assert_close(eval_out, run(shared, p, {"tokens": tokens})["logits"])
+    # training: each of the 2 routed layers flips its own coin, so 4 maps occur, each ~1/4 of the time
+    ref_own = run(own, p, {"tokens": tokens})["logits"]
+    seen = {"shared": 0, "own": 0, "mixed": 0}
+    for seed in range(40):
+        out = run(g, p, {"tokens": tokens}, training=True, seed=seed)["logits"]
+        key = "shared" if torch.allclose(out, eval_out) else "own" if torch.allclose(out, ref_own) else "mixed"
+        seen[key] += 1
+    assert seen["shared"] > 3 and seen["own"] > 3 and seen["mixed"] > 10, seen
+
+
+def test_stochastic_kv_routing_halves_the_decode_cache():
+    m = stdlib.load("stoch_kv_routing")().eval()
+    tokens = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        _, cache = m.prefill(tokens)
+    assert sorted(cache.entries) == ["layer0.attn", "layer2.attn"]    # layers 1 and 3 store nothing
+    assert cache.nbytes() == 2 * 2 * (2 * 6 * 32 * 4)                  # 2 layers x (K + V) x B*T*d floats
+
+
+# -- 4 Depth-recurrent transformer, silent thinking ---------------------------------------------------
+
+
+def test_depth_recurrent_is_identity_biased_and_runs_deeper_at_test_time():
+    (g,) = stdlib.graphs("depth_recurrent")
+    p = init_params(g, {"d": 16, "heads": 2}, seed=0)
+    inp = {"tokens": torch.randint(0, 32, (2, 5)), "adj": torch.ones(2, 5, 5, dtype=torch.bool)}
+    b = {"d": 16, "heads": 2}
+    # a closed gate (bias -> -inf) makes every step the identity: the recurrence is biased to copy
+    closed = dict(p, **{"core.gate.bias": torch.full_like(p["core.gate.bias"], -1e4)})
+    torch.testing.assert_close(run(g, closed, inp, dict(b, steps=1))["logits"],
+                               run(g, closed, inp, dict(b, steps=20))["logits"])
+    # at the default bias each step moves the state only a little, and more steps keep changing it
+    outs = [run(g, p, inp, dict(b, steps=s))["logits"] for s in (8, 9, 20)]
+    assert torch.isfinite(outs[2]).all() and not torch.allclose(outs[0], outs[1])
+
+
+def test_stochastic_kv_routing_generated_module_flips_the_interpreters_coins():
+    """In training mode both draw one coin per routed execution, in program order, from torch's RNG."""
+    from archc.api import load
+    from archc.backends.torch import state_key
+    (g,) = stdlib.graphs("stoch_kv_routing")
+    p = init_params(g, seed=0)
+    m = load(stdlib.path("stoch_kv_routing"))()
+    m.load_state_dict({state_key(k): v for k, v in p.items()})
+    tokens = torch.randint(0, 64, (2, 6))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ref = run(g, p, {"tokens": tokens}, training=True)["logits"]
+        torch.manual_seed(seed)
+        torch.testing.assert_close(m.train()(tokens), ref, atol=1e-5, rtol=1e-4)

@@ -22,7 +22,7 @@ def _cases():
 
 def _module(name, g):
     cls = api.load(stdlib.path(name), arch=g.name)
-    m = cls()
+    m = cls().eval()        # as the interpreter runs by default (training-mode routing is random)
     params = init_params(g, seed=3)
     m.load_state_dict({state_key(k): v for k, v in params.items()}, strict=True)
     return m, params
