@@ -18,8 +18,8 @@ Cases (B batch, T length, d features, H/Hk query/K-V heads, D head size):
 * decode_attention: one new token per sample against an 8k-token cache, GQA; dense, ThinK with
   half the key channels pruned, and LycheeDecode top-k (256 keys, 8 dense heads of 32);
 * memory_update: a Titans-sized mem_write (2-layer gelu MLP memory, d 512, hidden 1024, a
-  64-token chunk, momentum and forget gate). torch.compile runs the reference eagerly (it calls
-  autograd.grad), so there is no compiled column; the backward is torch's in both columns.
+  64-token chunk, momentum and forget gate), forward and the second-order backward. torch.compile
+  runs the reference eagerly (it calls autograd.grad), so there is no compiled column.
 
 `--smoke` runs every case on the CPU under TRITON_INTERPRET=1 at tiny sizes (numbers mean nothing;
 tests/test_triton_families.py runs it so the script does not rot).
