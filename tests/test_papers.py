@@ -442,3 +442,42 @@ def test_stochastic_kv_routing_generated_module_flips_the_interpreters_coins():
         ref = run(g, p, {"tokens": tokens}, training=True)["logits"]
         torch.manual_seed(seed)
         torch.testing.assert_close(m.train()(tokens), ref, atol=1e-5, rtol=1e-4)
+
+
+# -- 43 LycheeDecode ---------------------------------------------------------------------------------
+
+
+def test_lycheedecode_is_exact_when_k_covers_the_context_and_sparse_otherwise():
+    cls = stdlib.load("lycheedecode")
+    wide, narrow = cls(k=64), cls(k=2)
+    narrow.load_state_dict(wide.state_dict())
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        full = wide(tokens)
+        for m, exact in ((wide, True), (narrow, False)):
+            out, cache = m.prefill(tokens[:, :6])
+            steps = [out]
+            for t in range(6, 10):
+                step, cache = m.decode(tokens[:, t:t + 1], cache)
+                steps.append(step)
+            got = torch.cat(steps, 1)
+            torch.testing.assert_close(got[:, :6], full[:, :6], atol=1e-5, rtol=1e-4)   # the prompt is dense
+            assert torch.allclose(got, full, atol=1e-5, rtol=1e-4) == exact
+
+
+def test_lycheedecode_sparse_heads_attend_to_the_retrieval_heads_top_k():
+    from archc.backends.torch_runtime import topk_attention
+    gen = torch.Generator().manual_seed(0)
+    B, Tk, H, D, k = 2, 12, 4, 8, 3
+    q, kk, v = (torch.randn(B, n, H, D, generator=gen) for n in (1, Tk, Tk))
+    qpos = torch.full((B, 1), Tk - 1)
+    got = topk_attention(q, kk, v, k, 1, qpos)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) / D ** 0.5
+    dense = torch.softmax(scores, -1)
+    top = dense[:, 0].topk(k, dim=-1).indices                     # chosen by the retrieval head (head 0)
+    for b in range(B):
+        idx = top[b, 0]
+        torch.testing.assert_close(got[b, 0, 0], dense[b, 0, 0] @ v[b, :, 0])          # retrieval head: dense
+        for h in range(1, H):                                      # sparse heads: dense attention on idx only
+            w = torch.softmax(scores[b, h, 0, idx], -1)
+            torch.testing.assert_close(got[b, 0, h], w @ v[b, idx, h], atol=1e-6, rtol=1e-5)
