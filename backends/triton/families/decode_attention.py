@@ -241,7 +241,9 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
                    window, rows_per_head=True):
     B, Tq, H, D = q.shape
     Tk, HK, DV = v.shape[1], v.shape[2], v.shape[3]
-    use_dot = min(D, DV) >= 16 and (n_old == 0 or kept_n >= 16)     # tl.dot needs 16-wide tiles
+    # tl.dot needs 16-wide reduction tiles, and a kernel with pruned keys compiles its old-key loop
+    # (K = BLOCK_KEPT) even while the cache holds no old keys yet: decide by the tile, not by n_old
+    use_dot = min(D, DV) >= 16 and (kept_n == 0 or triton.next_power_of_2(kept_n) >= 16)
 
     def run(meta):
         dot = use_dot and top == 0 and meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16
