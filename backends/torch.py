@@ -737,12 +737,35 @@ def _schedule_methods(g: Graph, em: _Emitter) -> list[str]:
             if "math." in text:
                 em.uses_math = True
             cast = {"int": "int", "float": "float", "bool": "bool"}.get(params.get(k, ""))
-            out.append(f"            {json.dumps(k)}: {f'{cast}({text})' if cast else text},")
+            if cast == "int" and _integer_valued(v):
+                cast = None                     # int(...) of an integer expression is noise (ruff RUF046)
+            if not cast:
+                text = _unwrap(text)
+            out.append(f"            {json.dumps(k)}: {f'{cast}({_unwrap(text)})' if cast else text},")
         out.append("        }")
         for k in overrides:
             out.append(f"        self.{names[k]} = values[{json.dumps(k)}]")
         out.append("        return values")
     return out
+
+
+def _integer_valued(v) -> bool:
+    """An expression whose every value is an integer (a literal, or a Piecewise of such)."""
+    if isinstance(v, sympy.Piecewise):
+        return all(_integer_valued(e) for e, _ in v.args)
+    return isinstance(v, (int, sympy.Integer)) and not isinstance(v, bool)
+
+
+def _unwrap(text: str) -> str:
+    """Drop one pair of parentheses around the whole expression."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and i < len(text) - 1:
+            return text
+    return text[1:-1]
 
 
 def _mentions(lines: list[str], name: str) -> bool:
