@@ -121,7 +121,7 @@ def pair(case: Case):
         raise AssertionError(f"{case.name}: the reference returns {len(b)} float outputs, not {len(a)}")
     for x, y in zip(a, b, strict=True):
         err = ((x - y).abs().max() / y.abs().max().clamp_min(1e-6)).item()
-        if err > 1e-3:
+        if err > (1e-3 if DEVICE.type == "cpu" else 1e-2):   # GPU attention kernels sum in other orders
             raise AssertionError(f"{case.name}: the reference disagrees with the generated module ({err:.2e})")
     return gen, ref, ins
 
