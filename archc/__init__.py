@@ -8,10 +8,11 @@ def load(path_or_source, arch=None, **overrides):
     return _load(path_or_source, arch=arch, **overrides)
 
 
-def compile(path_or_source, target="torch"):  # noqa: A001 - mirrors `archc compile`
-    """Generated source and IR for a .arch file or source string."""
+def compile(path_or_source, target="torch", optimize=None, recur_blocks=None, recur_order="sequence"):  # noqa: A001
+    """Generated source and IR for a .arch file or source string (mirrors `archc compile`)."""
     from archc.api import compile as _compile
-    return _compile(path_or_source, target=target)
+    return _compile(path_or_source, target=target, optimize=optimize, recur_blocks=recur_blocks,
+                    recur_order=recur_order)
 
 
 __all__ = ["ArchError", "Span", "compile", "load"]

@@ -76,9 +76,11 @@ class Compiled:
 
 
 def compile(path_or_source: str | Path, target: str = "torch",  # noqa: A001 - the API's name
-            optimize=None) -> Compiled:
+            optimize=None, recur_blocks: int | None = None, recur_order: str = "sequence") -> Compiled:
     """Check a .arch file, apply `optimize` (a Graph -> Graph pipeline) to each graph, generate code for `target`.
 
+    `recur_blocks=k` first re-expresses each stack of L distinct layers as k blocks applied
+    recurrently (the `recur-blocks` pass; it changes the model, SPEC.md §18).
     `target="triton"` also runs the `fuse-elementwise` pass last (it is idempotent), so that the
     module's fusion regions become generated kernels whatever pipeline was asked for.
     """
@@ -86,6 +88,9 @@ def compile(path_or_source: str | Path, target: str = "torch",  # noqa: A001 - t
         from archc.errors import ArchError
         raise ArchError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
     graphs = check(path_or_source)
+    if recur_blocks is not None:
+        from archc.passes.recur_blocks import recur_blocks as recur
+        graphs = [recur(g, k=recur_blocks, order=recur_order) for g in graphs]
     if optimize is not None:
         graphs = [optimize(g) for g in graphs]
     if target == "triton":

@@ -77,6 +77,10 @@ def _pass_options(default: str):
         click.option("--print-after", "print_after", multiple=True, metavar="PASS", help="Print the IR after PASS (repeatable)."),
         click.option("--time-passes", is_flag=True, help="Print how long each pass took."),
         click.option("--verify", "verify_each", is_flag=True, help="Verify the IR after every pass."),
+        click.option("--recur-blocks", "recur_blocks", type=int, metavar="K",
+                     help="Re-express each stack of L distinct layers as K blocks applied recurrently (changes the model)."),
+        click.option("--recur-order", "recur_order", type=click.Choice(["sequence", "cycle"]), default="sequence",
+                     show_default=True, help="With --recur-blocks: layer i uses block floor(i*K/L) or i mod K."),
     ]
 
     def deco(fn):
@@ -86,18 +90,30 @@ def _pass_options(default: str):
     return deco
 
 
-def _optimizer(out, opt_level, pass_list, disabled, print_after_all, print_after, time_passes, verify_each):
+def _optimizer(out, opt_level, pass_list, disabled, print_after_all, print_after, time_passes, verify_each,
+               recur_blocks=None, recur_order="sequence"):
     """The Graph -> Graph pipeline the pass options ask for; pass names are checked before anything runs."""
-    from archc.passes import get_pass, preset, run_pipeline
+    from archc.passes import get_pass, parse_entry, preset, run_pipeline, split_entries
     if pass_list is not None:
-        names = [p.strip() for p in pass_list.split(",") if p.strip()]
+        names = split_entries(pass_list)
     else:
         names = list(preset(f"O{opt_level}"))
+    if recur_blocks is not None:        # the model change comes first; the optimizations follow
+        names = [f"recur-blocks{{k={recur_blocks},order={recur_order}}}", *names]
     for name in [*names, *disabled, *print_after]:
         get_pass(name)
-    names = [n for n in names if n not in disabled]
-    return lambda g: run_pipeline(g, names, verify=verify_each, print_after=print_after,
-                                  print_after_all=print_after_all, time_passes=time_passes, out=out)
+    disabled = {parse_entry(d)[0] for d in disabled}
+    names = [n for n in names if parse_entry(n)[0] not in disabled]
+
+    def optimize(g):
+        try:
+            return run_pipeline(g, names, verify=verify_each, print_after=print_after,
+                                print_after_all=print_after_all, time_passes=time_passes, out=out)
+        except ArchError as err:       # a pass's diagnostic points into the .arch file: show that line
+            if err.source is None and err.span is not None and Path(err.span.file).is_file():
+                err.with_source(Path(err.span.file).read_text(errors="replace"))
+            raise
+    return optimize
 
 
 def _bindings(pairs: tuple[str, ...]) -> dict[str, float | int]:

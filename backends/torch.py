@@ -89,6 +89,8 @@ class _Emitter:
         self.g = g
         self.cached = cached              # emit the K/V-cached incremental step instead of forward
         self.loops: list[tuple[str, str]] = []   # enclosing loops: (IR loop variable, Python name)
+        self.instances: dict[str, str] = {}      # attend result -> "#n" when an earlier node has its site key
+        self.instance_count: dict[tuple, int] = {}
         self.ns = Namespace(taken)        # `taken`: module globals another backend adds
         self.lines: list[str] = []
         self.inline: dict[str, str] = {}     # const/param value name -> literal or attribute chain
@@ -544,7 +546,12 @@ def _cached_rope(em: _Emitter, n: Node, indent: int):
 def _site_key(em: _Emitter, n: Node, skip_var: str | None = None) -> str:
     """An f-string naming this attention instance: site, copy and every enclosing loop step."""
     site = n.attr("site") or n.out.name
-    text = site
+    if n.out.name not in em.instances:         # one site applied by several nodes (x = blk(blk(x))): one entry each
+        scope = (site, n.attr("copy"), tuple(ir for ir, _ in em.loops))
+        count = em.instance_count.get(scope, 0)
+        em.instance_count[scope] = count + 1
+        em.instances[n.out.name] = f"#{count}" if count else ""
+    text = site + em.instances[n.out.name]
     if n.attr("copy") is not None:
         text += f"[{{{em.e(n.attr('copy'), True)}}}]"
     steps = [f"{ir}={{{py}}}" for ir, py in em.loops if ir != skip_var]

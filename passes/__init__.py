@@ -2,22 +2,29 @@
 
 A pass is a function `Graph -> Graph` with a one-line docstring saying why it exists. It never
 mutates its input (nodes are frozen: it builds new regions and graphs) and returns its input
-unchanged when it has nothing to do. Valid IR in, valid IR out. See SPEC.md §16.
+unchanged when it has nothing to do. Valid IR in, valid IR out. A pass may take keyword-only
+options, written `name{key=value,...}` in a pipeline (`recur-blocks{k=2}`). See SPEC.md §16, §18.
 """
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import sys
 import time
-from typing import Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 from archc.errors import ArchError
 from archc.ir.core import Graph
 from archc.passes.const_fold import const_fold
 from archc.passes.cse import cse
 from archc.passes.dce import dce
+from archc.passes.fold_loops import fold_loops
 from archc.passes.fuse_elementwise import fuse_elementwise
+from archc.passes.hoist_invariants import hoist_invariants
+from archc.passes.recur_blocks import recur_blocks
 from archc.passes.simplify_shapes import simplify_shapes
+from archc.passes.unroll_loops import unroll_small_loops
 
 Pass = Callable[[Graph], Graph]
 
@@ -27,13 +34,18 @@ PASSES: dict[str, Pass] = {
     "cse": cse,
     "dce": dce,
     "fuse-elementwise": fuse_elementwise,
+    "fold-loops": fold_loops,
+    "unroll-small-loops": unroll_small_loops,
+    "hoist-invariants": hoist_invariants,
+    "recur-blocks": recur_blocks,          # changes the model; never in a preset (SPEC.md §18)
 }
 
 CLEANUP = ("simplify-shapes", "const-fold", "cse", "dce")
+LOOPS = ("fold-loops", "unroll-small-loops", "hoist-invariants")
 PRESETS: dict[str, tuple[str, ...]] = {
     "O0": (),
     "O1": CLEANUP,
-    "O2": CLEANUP + ("fuse-elementwise",),
+    "O2": CLEANUP + LOOPS + ("const-fold", "cse", "dce", "fuse-elementwise"),
 }
 
 
@@ -44,9 +56,63 @@ def summary(name: str) -> str:
 
 
 def get_pass(name: str) -> Pass:
-    if name not in PASSES:
-        raise ArchError(f"unknown pass `{name}`", hint=_did_you_mean(name, PASSES))
-    return PASSES[name]
+    """The pass a pipeline entry names: `cse`, or with options `recur-blocks{k=2,order=cycle}`."""
+    base, options = parse_entry(name)
+    if base not in PASSES:
+        raise ArchError(f"unknown pass `{base}`", hint=_did_you_mean(base, PASSES))
+    fn = PASSES[base]
+    if not options:
+        return fn
+    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    for key in options:
+        if key not in allowed:
+            raise ArchError(f"pass `{base}` has no option `{key}`",
+                            hint=f"options: {', '.join(allowed)}" if allowed else f"`{base}` takes no options")
+    bound = functools.partial(fn, **options)
+    bound.__doc__ = fn.__doc__
+    return bound
+
+
+def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """`name{key=value,...}` -> (name, options); values are ints, floats, true/false or words."""
+    entry = entry.strip()
+    if "{" not in entry:
+        return entry, {}
+    if not entry.endswith("}"):
+        raise ArchError(f"bad pass entry `{entry}`", hint="write options as name{key=value,key=value}")
+    name, _, body = entry[:-1].partition("{")
+    options: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key or not value:
+            raise ArchError(f"bad option `{item}` in pass entry `{entry}`", hint="write options as key=value")
+        options[key] = _option_value(value)
+    return name.strip(), options
+
+
+def _option_value(text: str) -> Any:
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_entries(text: str) -> list[str]:
+    """Split `a,b{k=1,x=2},c` at the commas outside braces."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [e.strip() for e in out if e.strip()]
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -72,7 +138,7 @@ def run_pipeline(g: Graph, names: Iterable[str], *, verify: bool = False, print_
     """Run the named passes in order; between passes verify, print the IR, and time them as asked."""
     names = tuple(names)
     passes = [(name, get_pass(name)) for name in names]
-    print_after = set(print_after)
+    print_after = {parse_entry(name)[0] for name in print_after}
     for name in print_after:
         get_pass(name)
     out = out if out is not None else sys.stderr
@@ -88,7 +154,7 @@ def run_pipeline(g: Graph, names: Iterable[str], *, verify: bool = False, print_
         elapsed = time.perf_counter() - start
         if verify:
             _verify_after(g, name, bindings)
-        if print_after_all or name in print_after:
+        if print_after_all or parse_entry(name)[0] in print_after:
             from archc.ir.printer import print_graph
             out.write(f"// ----- IR after {name} ({g.name}) ----- //\n{print_graph(g)}")
         if time_passes:
