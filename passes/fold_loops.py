@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from archc.ir.core import Graph, Node, Region, Value
 from archc.ir.ops import Op
 from archc.ir.shapes import TensorType
-from archc.passes.regions import (FreshNames, Match, Renamer, atom_key, defined_names, is_atom, reads_of,
-                                  signature, value_types)
+from archc.passes.regions import (FreshNames, Match, Renamer, atom_key, best_run, defined_names, is_atom,
+                                  reads_of, signature, value_types)
 from archc.passes.unroll_loops import unroll_pays
 
 LOOP_VAR = "fold"
@@ -57,9 +57,24 @@ def _region(r: Region, ctx: _Ctx) -> Region:
 
 @dataclass(frozen=True)
 class _Run:
+    """A run that folds: where it is, its first copy, and its carries (copy 0's output -> initial value)."""
+
     first: int                  # index in the region's nodes of the run's first node
     last: int                   # ... and of its last
-    loop: Node
+    body: tuple[Node, ...]      # the first copy
+    carries: dict[str, str]     # in copy 0's output order
+    results: tuple[str, ...]    # the last copy's carried outputs: the loop's result names
+    trips: int
+
+    def loop(self, ctx: _Ctx) -> Node:
+        order = list(self.carries)
+        args = [Value(ctx.names.value(self.carries[o]), ctx.types[o]) for o in order]
+        ctx.types.update((a.name, a.type) for a in args)
+        rename = Renamer({self.carries[o]: a.name for o, a in zip(order, args)})
+        body = Region(tuple(args), tuple(rename.node(n) for n in self.body), tuple(order))
+        outs = [Value(r, ctx.types[o]) for r, o in zip(self.results, order)]
+        attrs = {"trips": self.trips, "var": ctx.names.symbol(LOOP_VAR)}
+        return Node.make(Op.LOOP, list(self.carries.values()), outs, attrs, (body,), self.body[0].span)
 
 
 def _fold_once(nodes: list[Node], results: tuple[str, ...], ctx: _Ctx) -> list[Node] | None:
@@ -68,22 +83,11 @@ def _fold_once(nodes: list[Node], results: tuple[str, ...], ctx: _Ctx) -> list[N
     sig = [ids.setdefault(signature(nodes[i]), len(ids)) for i in compute]
     atoms = {n.out.name: atom_key(n) for n in nodes if is_atom(n)}
     for s in range(len(compute)):
-        best: _Run | None = None
-        best_size = 0
-        for p in range(1, (len(compute) - s) // 2 + 1):
-            k = 1
-            while s + (k + 1) * p <= len(compute) and sig[s + k * p:s + (k + 1) * p] == sig[s:s + p]:
-                k += 1
-            for trips in range(k, 1, -1):
-                if trips * p <= best_size:
-                    break
-                run = _plan(nodes, compute, s, p, trips, results, atoms, ctx)
-                if run is not None:
-                    best, best_size = run, trips * p
-                    break
-        if best is not None:
+        found = best_run(sig, s, lambda p, k: _plan(nodes, compute, s, p, k, results, atoms, ctx))
+        if found is not None:
+            best = found[0]
             span = nodes[best.first:best.last + 1]
-            return (nodes[:best.first] + [n for n in span if is_atom(n)] + [best.loop] + nodes[best.last + 1:])
+            return nodes[:best.first] + [n for n in span if is_atom(n)] + [best.loop(ctx)] + nodes[best.last + 1:]
     return None
 
 
@@ -122,14 +126,8 @@ def _plan(nodes, compute, s, p, k, results, atoms, ctx: _Ctx) -> _Run | None:
     trial = Region(tuple(Value(carries[o], ctx.types[o]) for o in order), tuple(copies[0]), tuple(order))
     if unroll_pays(trial, k, ctx.types):
         return None
-    args = [Value(ctx.names.value(carries[o]), ctx.types[o]) for o in order]
-    ctx.types.update((a.name, a.type) for a in args)
-    rename = Renamer({carries[o]: a.name for o, a in zip(order, args)})
-    body = Region(tuple(args), tuple(rename.node(n) for n in copies[0]), tuple(order))
-    outs = [Value(matches[-1].defined[o], ctx.types[o]) for o in order]
-    var = ctx.names.symbol(LOOP_VAR)
-    loop = Node.make(Op.LOOP, [carries[o] for o in order], outs, {"trips": k, "var": var}, (body,), copies[0][0].span)
-    return _Run(first, last, loop)
+    return _Run(first, last, tuple(copies[0]), {o: carries[o] for o in order},
+                tuple(matches[-1].defined[o] for o in order), k)
 
 
 def _inner(n: Node):

@@ -28,7 +28,7 @@ from archc.errors import ArchError, Span
 from archc.ir.core import Graph, Node, Param, Region
 from archc.ir.ops import Op
 from archc.ir.shapes import as_expr, sym
-from archc.passes.regions import Match, atom_key, defined_names, is_atom, reads_of, value_types
+from archc.passes.regions import Match, atom_key, best_run, defined_names, is_atom, reads_of, value_types
 
 ORDERS = ("sequence", "cycle")
 _HINT = ("write the layers as `layer blocks[L] = Block(...)` applied by `repeat i in L { x = blocks[i](x) }`, "
@@ -137,28 +137,20 @@ def _region_chains(nodes: list[Node], types, params) -> list[_Stack]:
     atoms = {n.out.name: n for n in nodes if is_atom(n)}
     ids: dict[tuple, int] = {}
     sig = [ids.setdefault(_relaxed_signature(nodes[i]), len(ids)) for i in compute]
+    def plan(s: int, p: int, k: int) -> _Stack | None:
+        copies = [[nodes[compute[s + c * p + t]] for t in range(p)] for c in range(k)]
+        layers = _layer_params(copies, atoms, types, params)
+        if layers is None:
+            return None
+        return _Stack(f"{k} straight-line layers", sympy.Integer(k), copies[0][0].span, layers=layers)
+
     chains: list[_Stack] = []
     s = 0
     while s < len(compute):
-        best, size = None, 0
-        for p in range(1, (len(compute) - s) // 2 + 1):
-            k = 1
-            while s + (k + 1) * p <= len(compute) and sig[s + k * p:s + (k + 1) * p] == sig[s:s + p]:
-                k += 1
-            for n_copies in range(k, 1, -1):
-                if n_copies * p <= size:
-                    break
-                copies = [[nodes[compute[s + c * p + t]] for t in range(p)] for c in range(n_copies)]
-                layers = _layer_params(copies, atoms, types, params)
-                if layers is not None:
-                    best, size = _Stack(f"{n_copies} straight-line layers", sympy.Integer(n_copies),
-                                        copies[0][0].span, layers=layers), n_copies * p
-                    break
-        if best is not None:
-            chains.append(best)
-            s += size
-        else:
-            s += 1
+        found = best_run(sig, s, lambda p, k: plan(s, p, k))
+        if found is not None:
+            chains.append(found[0])
+        s += found[1] if found is not None else 1
     return chains
 
 

@@ -7,7 +7,7 @@ built from these pieces (SPEC.md §18).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import sympy
 
@@ -249,3 +249,28 @@ class Match:
 def signature(n: Node) -> tuple:
     """A cheap key two matching nodes share (the op, attributes and result types)."""
     return n.op, n.attrs, tuple(o.type for o in n.outputs), len(n.inputs), len(n.regions)
+
+
+T = TypeVar("T")
+
+
+def best_run(sig: list[int], s: int, plan: Callable[[int, int], T | None]) -> tuple[T, int] | None:
+    """The run of k >= 2 back-to-back copies of p nodes starting at `s` that covers the most nodes
+    and that `plan(p, k)` accepts (fewest nodes per copy on a tie), with its node count.
+
+    `sig` holds one id per node (equal ids: `signature`s agree), so most candidates are rejected
+    before `plan` does the full check.
+    """
+    best, size = None, 0
+    for p in range(1, (len(sig) - s) // 2 + 1):
+        k = 1
+        while s + (k + 1) * p <= len(sig) and sig[s + k * p:s + (k + 1) * p] == sig[s:s + p]:
+            k += 1
+        for copies in range(k, 1, -1):
+            if copies * p <= size:
+                break
+            found = plan(p, copies)
+            if found is not None:
+                best, size = found, copies * p
+                break
+    return (best, size) if best is not None else None
