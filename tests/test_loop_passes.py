@@ -115,7 +115,7 @@ def test_o2_keeps_semantics_and_is_a_fixpoint(name, g):
     assert print_graph(run_pipeline(h, LOOP_O2)) == text
     assert print_module(parse_ir(text)) == text
     fused = run_pipeline(h, ["fuse-elementwise"])          # the loop passes leave fused regions alone
-    assert print_graph(run_pipeline(fused, O2)) == print_graph(fused)
+    assert print_graph(run_pipeline(fused, LOOP_O2)) == print_graph(fused)
 
 
 def test_o2_keeps_gradients():
