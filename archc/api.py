@@ -140,3 +140,55 @@ def load(path_or_source: str | Path, arch: str | None = None, target: str = "tor
         from archc.errors import ArchError
         raise ArchError(f"no architecture named `{arch}`")
     return cls(**overrides) if overrides else cls
+
+
+# -- ONNX and MLIR ---------------------------------------------------------------------------------
+
+
+@_dataclass(frozen=True)
+class OnnxExport:
+    """One architecture exported to ONNX: the forward graph and, for language models, the decode step."""
+
+    graph: Graph
+    forward: object            # archc.backends.onnx.Exported
+    decode: object | None
+
+
+def _chosen(path_or_source, arch: str | None, optimize) -> list[Graph]:
+    from archc.errors import ArchError
+    graphs = check(path_or_source)
+    if arch is not None:
+        graphs = [g for g in graphs if g.name == arch]
+        if not graphs:
+            raise ArchError(f"no architecture named `{arch}`; this file defines "
+                            + ", ".join(g.name for g in check(path_or_source)))
+    return [optimize(g) for g in graphs] if optimize is not None else graphs
+
+
+def export_onnx(path_or_source: str | Path, arch: str | None = None, weights=None, bindings: dict | None = None,
+                seed: int = 0, static: bool = False, optimize=None) -> list[OnnxExport]:
+    """ONNX models for the architectures of a .arch file (SPEC.md §21).
+
+    `weights`: a path to a saved state_dict, a state_dict, or None for the generated module's
+    initialisation under `torch.manual_seed(seed)`. `bindings` fix architecture parameters (and
+    dims). Loop trip counts that no weight depends on become int64 graph inputs unless `static`.
+    """
+    from archc.backends.onnx import (check_shapes, export_decode, export_forward, load_weights, seeded_weights,
+                                     weights_from_state_dict)
+    from archc.errors import ArchError
+    graphs = _chosen(path_or_source, arch, optimize)
+    if weights is not None and len(graphs) > 1:
+        raise ArchError(f"this file defines {len(graphs)} architectures ({', '.join(g.name for g in graphs)}); "
+                        "weights belong to one of them", hint="choose it with --arch")
+    out = []
+    for g in graphs:
+        if weights is None:
+            w = seeded_weights(g, bindings, seed)
+        elif isinstance(weights, (str, Path)):
+            w = load_weights(g, weights, bindings)
+        else:
+            w = weights_from_state_dict(g, weights)
+            check_shapes(g, w, bindings)
+        runtime = [] if static else None
+        out.append(OnnxExport(g, export_forward(g, w, bindings, runtime), export_decode(g, w, bindings, runtime)))
+    return out

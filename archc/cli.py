@@ -182,23 +182,65 @@ def graph(file, output, arch):
 
 @main.command(name="compile")
 @click.argument("file")
-@click.option("--target", type=click.Choice(["torch", "triton"]), default="torch", show_default=True,
-              help="What to generate: a PyTorch module, or one whose fusion regions and kernel families call "
-                   "generated Triton kernels.")
-@click.option("-o", "--output", help="Where to write the result (default: standard output).")
+@click.option("--target", type=click.Choice(["torch", "triton", "onnx", "mlir"]), default="torch", show_default=True,
+              help="What to generate: a PyTorch module; one whose fusion regions and kernel families call "
+                   "generated Triton kernels; ONNX models; or MLIR through torch-mlir.")
+@click.option("-o", "--output", help="Where to write the result (default: standard output; required for onnx).")
+@click.option("--arch", help="onnx, mlir: only this architecture of the file.")
+@click.option("--weights", metavar="FILE", help="onnx, mlir: a torch.save'd state_dict (default: the module's init under --seed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="onnx, mlir: the seed of the default weights.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="onnx, mlir: bind a parameter or dimension.")
+@click.option("--static", is_flag=True, help="onnx: fold loop trip counts into the graph (no count inputs).")
+@click.option("--dialect", type=click.Choice(["torch", "linalg", "stablehlo"]), default="torch", show_default=True,
+              help="mlir: the dialect torch-mlir lowers to.")
 @_pass_options("O1")
 @_diagnostics
-def compile_cmd(file, target, output, **pass_opts):
-    """Compile FILE to a standalone module for TARGET (after the -O1 clean-up passes by default)."""
-    from archc.api import compile as compile_source
+def compile_cmd(file, target, output, arch, weights, seed, sets, static, dialect, **pass_opts):
+    """Compile FILE for TARGET (after the -O1 clean-up passes by default): a PyTorch module, ONNX
+    models (plus a decode-step graph for language models), or MLIR through torch-mlir."""
     _read(file)
     optimize = _optimizer(sys.stderr, **pass_opts)
-    code = compile_source(file, target=target, optimize=optimize).source
+    if target == "onnx":
+        _compile_onnx(file, output, arch, weights, seed, _bindings(sets), static, optimize)
+        return
+    if target == "mlir":
+        from archc.backends.mlir import export_mlir
+        code = export_mlir(file, dialect=dialect, arch=arch, weights=weights, bindings=_bindings(sets), seed=seed,
+                           optimize=optimize)
+    else:
+        for flag, value in (("--arch", arch), ("--weights", weights), ("--set", sets), ("--static", static)):
+            if value:
+                raise ArchError(f"{flag} applies to --target onnx or mlir",
+                                hint="a generated PyTorch module takes parameters in its constructor")
+        from archc.api import compile as compile_source
+        code = compile_source(file, target=target, optimize=optimize).source
     if output:
         Path(output).write_text(code)
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(code, nl=False)
+
+
+def _compile_onnx(file, output, arch, weights, seed, bindings, static, optimize):
+    """Write one .onnx per architecture (and a .decode.onnx per language model), each checked."""
+    import onnx
+
+    from archc.api import export_onnx
+    if not output:
+        raise ArchError("--target onnx writes binary files: give the path with -o model.onnx")
+    exports = export_onnx(file, arch=arch, weights=weights, bindings=bindings, seed=seed, static=static,
+                          optimize=optimize)
+    out = Path(output)
+    for e in exports:
+        stem = out.with_suffix("") if len(exports) == 1 else out.with_suffix("").with_name(f"{out.stem}.{e.graph.name}")
+        pairs = [(e.forward, Path(f"{stem}.onnx") if len(exports) > 1 else out)]
+        if e.decode is not None:
+            pairs.append((e.decode, Path(f"{stem}.decode.onnx")))
+        for exported, path in pairs:
+            onnx.checker.check_model(exported.model, full_check=True)
+            onnx.save_model(exported.model, str(path))
+            extra = f"; count inputs: {', '.join(exported.runtime_symbols)}" if exported.runtime_symbols else ""
+            click.echo(f"wrote {path} ({e.graph.name}, {exported.kind.replace('_', ' ')}{extra})", err=True)
 
 
 @main.command()
