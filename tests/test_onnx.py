@@ -412,3 +412,14 @@ def test_export_is_deterministic():
     a = export_forward(g, seeded_weights(g)).model.SerializeToString()
     b = export_forward(g, seeded_weights(g)).model.SerializeToString()
     assert a == b
+
+
+@pytest.mark.parametrize("name", ["think", "titans"])
+def test_O2_graphs_with_fusion_regions_export_and_agree(name):
+    from archc.passes import preset, run_pipeline
+    g0 = stdlib.graphs(name)[0]
+    g = run_pipeline(g0, preset("O2"))
+    assert any(n.op is Op.FUSED for n in g.walk())
+    w = seeded_weights(g0, seed=0)
+    inputs = example_inputs(g0, seq=2 * _step(g0) if _step(g0) > 1 else 6, seed=3)
+    _check(_run(session(export_forward(g, w).model, threads=1), _feeds(inputs)), run(g0, _torch_weights(w), inputs))

@@ -332,6 +332,15 @@ def _route_mask(lw, sc, n, ins):
     return [rows]
 
 
+# -- fused ---------------------------------------------------------------------------------------------
+
+
+@rule(Op.FUSED)
+def _fused(lw, sc, n, ins):
+    """A fusion region (a Triton kernel boundary) means exactly its body: inlined."""
+    return lw.region(sc, n.regions[0], [])
+
+
 # -- scan --------------------------------------------------------------------------------------------------
 
 
