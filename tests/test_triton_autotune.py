@@ -136,3 +136,29 @@ def test_cli_show_and_clear(cache_home):
     r = cli("autotune", "--clear")
     assert r.exit_code == 0 and "removed 2 cache file(s)" in r.output
     assert not list(cache_home.glob("*.json"))
+
+
+def test_autotune_flow_with_a_stand_in_device(monkeypatch, cache_home):
+    """`archc autotune FILE` end to end, with the GPU replaced by the Triton interpreter and a fake timer:
+    the dry run counts every (kernel, bucket), the real run times each configuration, the cache is written."""
+    pytest.importorskip("triton")
+    import torch
+
+    from archc.backends.triton import tuning
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tuning, "require_gpu", lambda: KEY)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    timings = iter(range(10_000, 0, -1))                   # every later configuration is "faster"
+    monkeypatch.setattr(tune, "_do_bench", lambda fn: (fn(), next(timings) * 1e-3)[1])
+    lines = []
+    tuning.tune_file(str(stdlib.path("depth_recurrent")), None, {"d": 8, "steps": 1, "B": 2, "T": 4}, True,
+                     lines.append)
+    data = json.loads(tune.cache_path(KEY).read_text())
+    kernels = data["kernels"]
+    assert any(k.startswith("fused_") for k in kernels) and any(k.endswith("_bwd") for k in kernels)
+    for name, entry in kernels.items():
+        for bkt, hit in entry["buckets"].items():
+            assert bkt.startswith("R=") and hit["config"]["num_warps"] >= 1
+    assert lines[0].startswith("device: NVIDIA H200") and lines[-1].startswith("wrote ")
