@@ -45,12 +45,14 @@ def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, m
 
     causal/window compare positions (qpos/kpos, default: queries are the last Tq of Tk positions);
     the first `prefix` keys are visible to every query; `mask` ([Tq, Tk] or [B, Tq, Tk]) is true
-    where attending is allowed.
+    where attending is allowed. Runs on F.scaled_dot_product_attention (fused kernels).
     """
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     k, v = repeat_kv(k, v, H)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if mask is None and not window and (not causal or (not prefix and qpos is None and kpos is None and Tq == Tk)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
     allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
     if causal or window:
         if qpos is None:
@@ -68,9 +70,10 @@ def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, m
     if mask is not None:
         m = mask if mask.dim() == 3 else mask[None]
         allowed = allowed & m[:, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    w = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", w, v)
+    # a row with no visible key gives 0: attend it to everything (finite values and gradients), then zero it
+    seen = allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~seen)
+    return torch.where(seen, out, 0.0).transpose(1, 2)
 
 
 def topk_mask(x, k: int, axis: int):
