@@ -81,6 +81,31 @@ def per_model(args) -> list[tuple]:
     return rows
 
 
+def measure_case(name: str, overrides: dict, batch: int, seq: int, repeat: int, threads: int = 2) -> dict:
+    """One row of `python -m bench`'s onnx section: the stdlib file's first architecture at the
+    suite's sizes, onnxruntime (CPU) vs the generated module in eager mode, same weights."""
+    g = stdlib.graphs(name)[0]
+    w = seeded_weights(g, overrides, seed=0)
+    namespace: dict = {}
+    exec(compile(generate([g]).source, f"<archc:{g.name}>", "exec"), namespace)   # archc's generated code
+    m = namespace[g.name](**{k: v for k, v in overrides.items() if k in {s.name for s in g.symbols}})
+    m.load_state_dict({state_key(k): torch.from_numpy(v) for k, v in w.items()})
+    m.eval()
+    sess = _session(export_forward(g, w, overrides).model, threads, "cpu")
+    inputs = example_inputs(g, bindings=overrides, batch=batch, seq=seq, seed=0)
+    args_t = [inputs[a.name] for a in g.inputs]
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    with torch.inference_mode():
+        ref = m(*args_t)
+        ref = ref if isinstance(ref, dict) else {g.output_names[0]: ref}
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+        err = max(float(np.abs(out[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-6))
+                  for k, v in ref.items() if v.is_floating_point())
+        t_torch, t_ort = _alternate(lambda: m(*args_t), lambda: sess.run(None, feeds), max(repeat, 1), warmup=1)
+    return {"model": name, "batch": batch, "seq": seq, "eager_ms": 1e3 * t_torch, "onnxruntime_ms": 1e3 * t_ort,
+            "ratio": t_ort / t_torch, "rel_err": err}
+
+
 def depth_sweep(args) -> list[tuple]:
     """One graph, the recursion count as an input: latency as the count grows."""
     (g,) = stdlib.graphs("depth_recurrent")

@@ -54,3 +54,11 @@ def test_smoke_run_writes_results(tmp_path):
     assert res["plot"] == (tmp_path / "suite_smoke.png").exists()
     if res["plot"]:
         assert (tmp_path / "suite_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onnx_section_measures_the_same_model():
+    pytest.importorskip("onnxruntime")
+    from bench.onnx_latency import measure_case
+    row = measure_case("depth_recurrent", {"steps": 2}, batch=2, seq=8, repeat=1)
+    assert row["rel_err"] < 1e-4
+    assert row["eager_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["ratio"] > 0
