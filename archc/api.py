@@ -73,6 +73,7 @@ class Compiled:
     source: str
     graphs: tuple[Graph, ...]
     target: str
+    class_names: tuple[str, ...] = ()     # the generated class of each graph (the arch name unless reserved)
 
 
 def compile(path_or_source: str | Path, target: str = "torch",  # noqa: A001 - the API's name
@@ -101,7 +102,7 @@ def compile(path_or_source: str | Path, target: str = "torch",  # noqa: A001 - t
         from archc.backends.torch import generate
     src, name = _read(path_or_source)
     gen = generate(graphs, source_file=name if name != "<string>" else "")
-    return Compiled(gen.source, tuple(graphs), target)
+    return Compiled(gen.source, tuple(graphs), target, gen.class_names)
 
 
 def load_module(path_or_source: str | Path, target: str = "torch") -> _types.ModuleType:
@@ -110,8 +111,11 @@ def load_module(path_or_source: str | Path, target: str = "torch") -> _types.Mod
     raw = src if isinstance(src, bytes) else src.encode()
     key = _hashlib.sha256(raw + name.encode() + target.encode()).hexdigest()[:16]
     if key not in _MODULE_CACHE:
-        code = compile(path_or_source, target=target).source
-        _MODULE_CACHE[key] = exec_module(code, f"<archc:{Path(name).name}:{key}>", f"archc_generated_{key}")
+        compiled = compile(path_or_source, target=target)
+        mod = exec_module(compiled.source, f"<archc:{Path(name).name}:{key}>", f"archc_generated_{key}")
+        # architecture name -> class (an arch named like a keyword or import has a renamed class)
+        mod.__archc_classes__ = {g.name: getattr(mod, c) for g, c in zip(compiled.graphs, compiled.class_names)}
+        _MODULE_CACHE[key] = mod
     return _MODULE_CACHE[key]
 
 
@@ -135,7 +139,7 @@ def load(path_or_source: str | Path, arch: str | None = None, target: str = "tor
             from archc.errors import ArchError
             raise ArchError(f"this file defines {len(names)} architectures ({', '.join(names)}); pass arch=...")
         arch = names[0]
-    cls = getattr(mod, arch, None)
+    cls = mod.__archc_classes__.get(arch)
     if cls is None:
         from archc.errors import ArchError
         raise ArchError(f"no architecture named `{arch}`")

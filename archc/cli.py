@@ -290,6 +290,34 @@ def autotune(file, arch, sets, show, clear, backward):
     tune_file(file, arch, _bindings(sets), backward, click.echo)
 
 
+@main.command(name="fuzz")
+@click.option("--frontend", "frontend", is_flag=True, help="Fuzz the front end with mutated and hostile inputs.")
+@click.option("--programs", "programs", is_flag=True, help="Run random programs through every stage and compare.")
+@click.option("--count", default=200, show_default=True, help="How many inputs (or programs) per mode.")
+@click.option("--seed", default=0, show_default=True, help="First seed (runs are deterministic per seed).")
+@click.option("--time-limit", default=30.0, show_default=True,
+              help="Seconds one input may take (programs: 4x this) before it counts as a hang.")
+@click.option("--corpus", default="fuzz-corpus", show_default=True, help="Where failing inputs are written.")
+@click.option("--save-regressions", metavar="DIR", help="Also write each shrunk failing program here (tests replay them).")
+@click.option("--no-shrink", is_flag=True, help="Save failing inputs as found, without minimizing them.")
+@click.option("--max-seconds", type=float, help="Stop each mode after this long (the counts say how far it got).")
+def fuzz_cmd(frontend, programs, count, seed, time_limit, corpus, save_regressions, no_shrink, max_seconds):
+    """Fuzz the compiler: exit status 1 when any input fails (SPEC.md §23)."""
+    from archc.fuzz.campaign import fuzz_frontend, fuzz_programs, main_summary
+    if not frontend and not programs:
+        frontend = programs = True
+    reports = []
+    log = sys.stderr
+    if frontend:
+        reports.append(fuzz_frontend(count, seed, time_limit, Path(corpus), shrink=not no_shrink, out=log,
+                                     max_seconds=max_seconds))
+    if programs:
+        reports.append(fuzz_programs(count, seed, 4 * time_limit, Path(corpus), shrink=not no_shrink,
+                                     regressions=Path(save_regressions) if save_regressions else None, out=log,
+                                     max_seconds=max_seconds))
+    sys.exit(main_summary(reports))
+
+
 @main.command(name="passes")
 def passes_cmd():
     """List the registered passes and what each -O level runs."""

@@ -27,16 +27,18 @@ from archc.ir.ops import Op, attend_operands
 from archc.ir.shapes import DType
 
 _TORCH_DTYPE = {DType.F32: "torch.float32", DType.I64: "torch.long", DType.BOOL: "torch.bool"}
-_MODULE_ATTRS = set(dir(nn.Module)) | {"training"}
-_RESERVED = (set(keyword.kwlist) | set(dir(builtins)) |
-             {"torch", "nn", "F", "math", "self", "dev", "kv", "_param", "_Scope"} |
-             {name for name, _ in inspect.getmembers(torch_runtime, inspect.isfunction)})
+_MODULE_ATTRS = set(dir(nn.Module)) | set(vars(nn.Module()))     # methods, and `training`, `_modules`, ...
+# parameters become instance attributes (`self.steps`), so nn.Module's own names are taken too
+_RESERVED = (set(keyword.kwlist) | set(dir(builtins)) | _MODULE_ATTRS |
+             {"torch", "nn", "F", "math", "self", "dev", "kv", "_param", "_Scope", "_MEMORY_ACTS"} |
+             {"reset_parameters", "prefill", "decode", "_step"} |      # the generated classes' own methods
+             set(dir(torch_runtime)))
 
 
 @dataclass(frozen=True)
 class GeneratedCode:
     source: str
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]      # the Python class of each graph, in order (its name unless reserved)
 
 
 def _legal(name: str) -> str:
@@ -58,7 +60,7 @@ class Namespace:
             return self.map[key]
         base = _legal(hint if hint is not None else key)
         name, i = base, 1
-        while name in self.used:
+        while name in self.used or (name.startswith("__") and name.endswith("__")):   # dunders mean things to Python
             name = f"{base}_{i}"
             i += 1
         self.used.add(name)
@@ -72,7 +74,9 @@ def attr_path(path: str) -> str:
 
 
 def _segment(p: str) -> str:
-    return p + "_" if (p in _MODULE_ATTRS or keyword.iskeyword(p) or p.startswith("_")) else p
+    # one-to-one: names that end in `_` get one more, so `forward` -> `forward_` and a layer named
+    # `forward_` -> `forward__` never meet
+    return p + "_" if (p in _MODULE_ATTRS or keyword.iskeyword(p) or p.startswith("_") or p.endswith("_")) else p
 
 
 def state_key(path: str) -> str:
@@ -103,6 +107,8 @@ class _Emitter:
                 self.read.update(r.results)
         self.runtime: set[str] = set()
         self.uses_math = False
+        # parameters are stored as attributes next to the layers' scopes (`self.steps`, `self.core`)
+        self.ns.used |= {attr_path(p.name).split(".")[0] for p in g.params}
         for s in g.symbols:
             self.ns.claim("sym:" + s.name, s.name)
         for n in g.walk():
@@ -407,12 +413,18 @@ def _loop(em: _Emitter, n: Node, indent: int):
     trips = em.e(n.attr("trips"), True)
     if em.uses_kv:
         em.out(f"{em.rt('kv_reset')}(kv, {json.dumps(n.attr('var'))})", indent)
+    flag = None
+    if n.attr("grad_last") is not None:
+        # the state at this loop's entry: inside an outer step that runs without gradients, every
+        # step of this loop runs without them too
+        flag = em.ns.claim(f"grad:{n.outputs[0].name if n.outputs else len(em.lines)}", "grad")
+        em.out(f"{flag} = torch.is_grad_enabled()", indent)
     em.out(f"for {var} in range({trips}):", indent)
     em.loops.append((n.attr("var"), var))
     body = indent + 1
-    if n.attr("grad_last") is not None:
-        em.out(f"with torch.set_grad_enabled(grad and {var} >= {trips} - {em.e(n.attr('grad_last'), True)}):", body)
-        em.grad_flag = True
+    if flag is not None:
+        first = sympy.sympify(n.attr("trips")) - sympy.sympify(n.attr("grad_last"))   # the first step with gradients
+        em.out(f"with torch.set_grad_enabled({flag} and {var} >= {em.e(first, True)}):", body)
         body += 1
     em.region(r, body)
     em.assign(args, [em.v(x) for x in r.results], body)
@@ -454,7 +466,11 @@ def _route_topk(em: _Emitter, n: Node, indent: int):
     weight = rest.pop(0) if n.attr("has_weight") else "None"
     xs, pos = (em.v(a.name) for a in r.args)
     k = em.ns.claim(f"k:{n.out.name}", "k")
-    em.out(f"{k} = max(1, math.floor({em.e(n.attr('capacity'))} * {x}.shape[1] + 1e-9))", indent)
+    capacity = sympy.sympify(n.attr("capacity"))
+    cap = em.e(capacity)
+    if capacity.is_Add:                  # `1 - r / 2` times the length needs its parentheses
+        cap = f"({cap})"
+    em.out(f"{k} = max(1, math.floor({cap} * {x}.shape[1] + 1e-9))", indent)
     em.uses_math = True
     em.out(f"{pos} = {em.rt('route_select')}({score}, {k}{'' if among == 'None' else ', ' + among})", indent)
     em.out(f"{xs} = {em.route_gather(n, x, pos)}", indent)
@@ -613,7 +629,7 @@ def _param(root, path, shape):
 '''
 
 
-def _class(g: Graph, em: _Emitter) -> list[str]:
+def _class(g: Graph, em: _Emitter, class_name: str) -> list[str]:
     syms = [s for s in g.symbols if s.kind != "dim"]
     names = em.sym_names()
     sig, derived = [], []
@@ -626,7 +642,7 @@ def _class(g: Graph, em: _Emitter) -> list[str]:
         else:
             sig.append(f"{names[s.name]}={_py_default(d, s.kind)}")
     title = (g.doc.splitlines() or [g.name])[0]
-    lines = [f"class {g.name}(nn.Module):",
+    lines = [f"class {class_name}(nn.Module):",
              f'    """{_docstr(title)}',
              "",
              f"    Generated by archc from {_docstr(g.source_file or '<string>')} (architecture {g.name}).",
@@ -870,10 +886,15 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     classes: list[list[str]] = []
     runtime: set[str] = set()
     uses_math = False
-    for g in graphs:
+    # class names are module globals: an arch called `torch`, `class` or `_param` must not shadow
+    # an import, be a keyword or replace a helper, so it gets a legal name of its own
+    module_ns = Namespace()
+    class_names = tuple(module_ns.claim("arch:" + g.name, g.name) for g in graphs)
+    for g, class_name in zip(graphs, class_names):
         em = make_emitter(g)
         fwd = _forward(g, em)
-        cls = _class(g, em) + [""] + fwd + _schedule_methods(g, em) + _decode_methods(g, runtime, make_emitter)
+        cls = (_class(g, em, class_name) + [""] + fwd + _schedule_methods(g, em)
+               + _decode_methods(g, runtime, make_emitter))
         runtime |= em.runtime
         uses_math |= em.uses_math or any("math." in line for line in cls)
         classes.append(cls)
@@ -903,7 +924,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     for cls in classes:
         out += ["", ""] + cls
     text = "\n".join(out) + "\n"
-    return GeneratedCode(text, tuple(g.name for g in graphs))
+    return GeneratedCode(text, class_names)
 
 
 def _runtime_order(fn: str) -> int:

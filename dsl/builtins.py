@@ -389,7 +389,8 @@ def _attend(al, a, span, hint):
         ins.append(m)
         attrs["has_mask"] = True
     pos = getattr(al, "_positions_hint", None)
-    if pos is not None and q.type.shape[1] == pos.type.shape[1] and k.type.shape[1] == pos.type.shape[1]:
+    if pos is not None and min(q.type.rank, k.type.rank) >= 2 and q.type.shape[1] == pos.type.shape[1] \
+            and k.type.shape[1] == pos.type.shape[1]:
         ins += [pos, pos]          # inside a route: mask by the tokens' original positions
         attrs["has_pos"] = True
     return al.b.emit1(Op.ATTEND, ins, attrs, span, name=hint)

@@ -198,13 +198,20 @@ def parse(source: str | bytes, file: str = "<string>") -> A.Module:
     except VisitError as err:
         if isinstance(err.orig_exc, ArchError):
             raise err.orig_exc.with_source(source) from None
-        raise
+        if not isinstance(err.orig_exc, RecursionError):
+            raise
+        raise _too_deep(tree, file, source) from None
     except RecursionError:
-        raise ArchError("program is nested too deeply", _deepest_stmt(tree, file), source=source,
-                        hint="split long expressions into several assignments") from None
+        raise _too_deep(tree, file, source) from None
     module.source = source
     module.doc = leading_comment(source)
     return module
+
+
+def _too_deep(tree, file: str, source: str) -> ArchError:
+    # the recursion limit can hit in lark's walk or inside a rule method (then wrapped in VisitError)
+    return ArchError("program is nested too deeply", _deepest_stmt(tree, file), source=source,
+                     hint="split long expressions into several assignments")
 
 
 def _deepest_stmt(tree, file: str) -> Span:
@@ -257,6 +264,17 @@ def _split_args(items) -> tuple[list, list]:
 
 
 _UNESCAPE = json.JSONDecoder()
+
+
+def _unescape(tok, span: Span) -> str:
+    """A string literal's value (JSON escapes); a bad escape or a lone surrogate is a diagnostic."""
+    try:
+        value = _UNESCAPE.decode(str(tok))
+        value.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as err:
+        raise ArchError(f"invalid string literal: {getattr(err, 'msg', None) or err.reason}", span,
+                        hint='strings use JSON escapes: \\" \\\\ \\n \\t \\uXXXX') from None
+    return value
 
 
 @v_args(meta=True, inline=True)
@@ -385,7 +403,7 @@ class ToAst(Transformer):
         return A.ScheduleDecl(name=str(name), var=str(var), var_type=str(var_type), body=body, span=self._s(meta))
 
     def require_stmt(self, meta, cond, msg):
-        return A.Require(cond=cond, message=_UNESCAPE.decode(str(msg)) if msg is not None else None,
+        return A.Require(cond=cond, message=_unescape(msg, _tok_span(self.file, msg)) if msg is not None else None,
                          span=self._s(meta))
 
     # expressions
@@ -445,7 +463,7 @@ class ToAst(Transformer):
         return A.Bool(value=False, span=self._s(meta))
 
     def str_lit(self, meta, tok):
-        return A.Str(value=_UNESCAPE.decode(str(tok)), span=self._s(meta))
+        return A.Str(value=_unescape(tok, self._s(meta)), span=self._s(meta))
 
     def name(self, meta, tok):
         return A.Name(id=str(tok), span=self._s(meta))

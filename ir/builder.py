@@ -26,8 +26,13 @@ class Namer:
         return base if n == 0 else f"{base}.{n}"
 
 
+MAX_NODES = 10_000    # blocks are inlined at every application: a block applying a block twice, nested
+                      # 30 deep, would otherwise expand to a billion nodes (a hang, not a diagnostic)
+
+
 class Builder:
     def __init__(self, defaults: dict | None = None):
+        self.emitted = 0
         self.namer = Namer()
         self._stack: list[list[Node]] = [[]]
         self.defaults = defaults if defaults is not None else {}   # symbol -> value, for checks
@@ -39,6 +44,11 @@ class Builder:
              names: list[str] | None = None, out_types: list[TensorType] | None = None,
              regions: tuple[Region, ...] = ()) -> list[Value]:
         attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
+        self.emitted += 1
+        if self.emitted > MAX_NODES:
+            raise ArchError(f"this architecture expands to more than {MAX_NODES} IR operations", span,
+                            hint="blocks are inlined at every application; a block that applies another block "
+                                 "twice doubles the program at every level of nesting")
         if out_types is None:
             rule = OPS[op].rule
             assert rule is not None, f"{op} needs explicit output types"
