@@ -97,6 +97,7 @@ class _Emitter:
         self.instance_count: dict[tuple, int] = {}
         self.ns = Namespace(taken)        # `taken`: module globals another backend adds
         self.lines: list[str] = []
+        self.span = None                     # of the node being emitted (for diagnostics)
         self.inline: dict[str, str] = {}     # const/param value name -> literal or attribute chain
         self.consts: set[str] = set()        # inlined consts (Python scalars)
         self.uses_kv = any(n.op is Op.ATTEND and n.attr("kv_share") for n in g.walk())
@@ -136,6 +137,11 @@ class _Emitter:
         return fn
 
     def out(self, line: str, indent: int):
+        # `forward` starts at indent 2; Python compiles at most 20 statically nested blocks
+        if indent > 22:
+            raise ArchError("regions are nested too deeply for the PyTorch backend (Python allows 20 nested "
+                            "blocks; loops with `grad last`, halting and routes take two or three each)",
+                            self.span, hint="move the inner part of the nest into fewer regions")
         self.lines.append("    " * indent + line)
 
     # regions -----------------------------------------------------------------------------------
@@ -144,6 +150,7 @@ class _Emitter:
             self.node(n, indent)
 
     def node(self, n: Node, indent: int):
+        self.span = n.span
         fn = (_CACHED_EMIT.get(n.op) if self.cached else None) or _REGION_EMIT.get(n.op)
         if fn is not None:
             fn(self, n, indent)

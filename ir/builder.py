@@ -26,7 +26,7 @@ class Namer:
         return base if n == 0 else f"{base}.{n}"
 
 
-MAX_NODES = 10_000    # blocks are inlined at every application: a block applying a block twice, nested
+MAX_NODES = 5_000     # blocks are inlined at every application: a block applying a block twice, nested
                       # 30 deep, would otherwise expand to a billion nodes (a hang, not a diagnostic)
 
 

@@ -43,8 +43,8 @@ def _failures(report) -> str:
 # -- CI tier ------------------------------------------------------------------------------------------
 
 def test_frontend_campaign_ci_tier():
-    report = fuzz_frontend(120, seed=20260101, time_limit=LIMIT, shrink=False)
-    assert report.count == 120
+    report = fuzz_frontend(100, seed=20260101, time_limit=LIMIT, shrink=False)
+    assert report.count == 100
     assert not report.failures, _failures(report)
     assert report.statuses["diagnosed"] > 0 and report.statuses["ok"] > 0     # both outcomes were reached
 
@@ -52,7 +52,7 @@ def test_frontend_campaign_ci_tier():
 SEEDS = seed_sources()
 
 
-@settings(max_examples=80, deadline=None, database=None, derandomize=True,
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.randoms(use_true_random=False))
 def test_frontend_property(rng):
@@ -62,7 +62,7 @@ def test_frontend_property(rng):
 
 
 def test_random_programs_ci_tier():
-    report = fuzz_programs(20, seed=7000, time_limit=4 * LIMIT, shrink=False, max_stmts=4)
+    report = fuzz_programs(20, seed=7000, time_limit=4 * LIMIT, shrink=False, max_stmts=3)
     assert report.count == 20
     assert not report.failures, _failures(report)
     assert report.statuses["ok"] == 20
@@ -120,10 +120,10 @@ def _die(arg):
 
 def test_sandbox_kills_a_hang_and_survives_a_dead_child():
     with Sandbox(_spin, time_limit=1.0) as sb:
-        o = sb(None)
+        o = sb(0)                   # (None is the stop message)
         assert o.failed and o.kind == "timeout"
     with Sandbox(_die, time_limit=30.0) as sb:
-        o = sb(None)
+        o = sb(0)
         assert o.failed and o.kind == "died" and "exit code 3" in o.detail
     with Sandbox(lambda s: check_source(s), time_limit=60.0) as sb:
         assert sb("arch A(d: int = 4) {\n  input x: f32[B, T, d]\n  output y = x\n}\n").status == "ok"
