@@ -451,6 +451,10 @@ class ToAst(Transformer):
         return A.Attr(base=base, name=str(name), span=self._s(meta))
 
     def int_lit(self, meta, tok):
+        digits = str(tok).lstrip("0")
+        if len(digits) > 40:   # far past 2**62 (lowering says so), and int() refuses 4300+ digits
+            raise ArchError(f"integer {digits[:20]}... ({len(digits)} digits) is too large", self._s(meta),
+                            hint="archc integers must fit in 62 bits")
         return A.Num(value=int(tok), span=self._s(meta))
 
     def float_lit(self, meta, tok):

@@ -110,6 +110,8 @@ def fuzz_frontend(count: int, seed: int = 0, time_limit: float = 30.0, corpus: P
             o = runner((source, levels))
             report.count += 1
             report.statuses[o.status] += 1
+            if (i + 1) % 100 == 0:
+                _log(out, f"[frontend] {i + 1}/{count} {dict(report.statuses)}")
             if not o.failed:
                 continue
             sig = o.signature
@@ -127,8 +129,6 @@ def fuzz_frontend(count: int, seed: int = 0, time_limit: float = 30.0, corpus: P
             f = Failure(sig, o.stage, o.detail, source, small)
             _save(corpus, "frontend", f)
             report.failures[sig] = f
-            if (i + 1) % 100 == 0:
-                _log(out, f"[frontend] {i + 1}/{count} {dict(report.statuses)}")
     report.seconds = time.monotonic() - start
     return report
 
@@ -154,6 +154,8 @@ def fuzz_programs(count: int, seed: int = 0, time_limit: float = 120.0, corpus: 
         v = _timed_program(source, pseed, time_limit)
         report.count += 1
         report.statuses[v.status] += 1
+        if (i + 1) % 10 == 0:
+            _log(out, f"[programs] {i + 1}/{count} {dict(report.statuses)}")
         if not v.failed:
             continue
         sig = v.signature
@@ -174,8 +176,6 @@ def fuzz_programs(count: int, seed: int = 0, time_limit: float = 120.0, corpus: 
         if regressions is not None:
             write_regression(regressions, small, "program", pseed, f"{sig}: {v.detail.splitlines()[0][:150]}")
         report.failures[sig] = f
-        if (i + 1) % 10 == 0:
-            _log(out, f"[programs] {i + 1}/{count} {dict(report.statuses)}")
     report.seconds = time.monotonic() - start
     return report
 

@@ -147,11 +147,11 @@ def _simplify_numbers(text: str, test: Callable[[str], bool], budget: Budget) ->
         if m is None:
             break
         old = m.group()
-        value = float(old)
-        options = ["0", "1", "2", str(int(value) // 2)] if "." not in old else ["0.0", "1.0", "0.5"]
+        value = int(old) if "." not in old else float(old)     # integers exactly: they may have 400 digits
+        options = ["0", "1", "2", str(value // 2)] if "." not in old else ["0.0", "1.0", "0.5"]
         for new in options:
-            if new != old and (float(new) < value or "." in old and new != old) and \
-                    test(text[:m.start()] + new + text[m.end():]):
+            smaller = int(new) < value if "." not in old else new != old
+            if new != old and smaller and test(text[:m.start()] + new + text[m.end():]):
                 text = text[:m.start()] + new + text[m.end():]
                 break
         pos = m.start() + 1
