@@ -466,9 +466,11 @@ def test_cse_merges_repeated_param_reads_in_mor():
 
 
 def test_cse_merges_re_read_weights_in_hmt_and_titans():
-    for name in ("hmt", "titans"):
-        for g in stdlib.graphs(name):
-            assert _count(_o1(g), Op.PARAM) < _count(g, Op.PARAM), g.name
+    # the architectures that read the same weights twice (TitansLMM/MAG/MAL read each once)
+    graphs = [g for name in ("hmt", "titans") for g in stdlib.graphs(name) if g.name in ("HMT", "TitansMAC")]
+    assert len(graphs) == 2
+    for g in graphs:
+        assert _count(_o1(g), Op.PARAM) < _count(g, Op.PARAM), g.name
 
 
 @pytest.mark.parametrize("name", stdlib.names())
