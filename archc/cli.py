@@ -237,10 +237,16 @@ def _compile_onnx(file, output, arch, weights, seed, bindings, static, optimize)
         if e.decode is not None:
             pairs.append((e.decode, Path(f"{stem}.decode.onnx")))
         for exported, path in pairs:
-            onnx.checker.check_model(exported.model, full_check=True)
-            onnx.save_model(exported.model, str(path))
+            if exported.model.ByteSize() < 1_800_000_000:
+                onnx.checker.check_model(exported.model, full_check=True)
+                onnx.save_model(exported.model, str(path))
+            else:           # protobuf's 2 GB limit: weights go to a side file, the checker reads the path
+                onnx.save_model(exported.model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+                onnx.checker.check_model(str(path), full_check=True)
             extra = f"; count inputs: {', '.join(exported.runtime_symbols)}" if exported.runtime_symbols else ""
             click.echo(f"wrote {path} ({e.graph.name}, {exported.kind.replace('_', ' ')}{extra})", err=True)
+            for note in exported.notes:
+                click.echo(f"  note: {note}", err=True)
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """onnxruntime latency vs the generated PyTorch module (eager), per stdlib model, same weights.
 
-Run: python -m bench.onnx_latency [--seq 64] [--batch 1] [--iters 30] [--threads 2] [--provider cpu|cuda]
+Run: python -m bench.onnx_latency [--seq 64] [--batch 1] [--iters 30] [--threads 1] [--provider cpu|cuda]
 Writes bench/results/onnx_latency.md (`--provider cuda` needs onnxruntime-gpu and a GPU, and writes
 onnx_latency_cuda.md). Timings alternate between the two runtimes call by call, in one process, so
 both see the same machine load; the table gives medians and their ratio (< 1: onnxruntime faster).
@@ -15,19 +15,20 @@ import statistics
 import time
 from pathlib import Path
 
-import archc.stdlib as stdlib
 import numpy as np
 import torch
 from archc.backends.onnx import export_forward, seeded_weights
 from archc.backends.torch import generate, state_key
 
+from archc import stdlib
 from archc.testing import example_inputs
 
 
-def _module(g, w):
+def _module(g, w, bindings: dict | None = None):
     namespace: dict = {}
     exec(compile(generate([g]).source, f"<archc:{g.name}>", "exec"), namespace)   # archc's generated code
-    m = namespace[g.name]()
+    symbols = {s.name for s in g.symbols if s.kind != "dim"}
+    m = namespace[g.name](**{k: v for k, v in (bindings or {}).items() if k in symbols})
     m.load_state_dict({state_key(k): torch.from_numpy(v) for k, v in w.items()})
     return m.eval()
 
@@ -58,27 +59,21 @@ def _alternate(torch_call, ort_call, iters: int, warmup: int = 3) -> tuple[float
     return statistics.median(t_torch), statistics.median(t_ort)
 
 
-def per_model(args) -> list[tuple]:
-    rows = []
-    for name in stdlib.names():
-        for g in stdlib.graphs(name):
-            w = seeded_weights(g, seed=0)
-            m = _module(g, w)
-            sess = _session(export_forward(g, w).model, args.threads, args.provider)
-            inputs = example_inputs(g, batch=args.batch, seq=args.seq, seed=0)
-            args_t = [inputs[a.name] for a in g.inputs]
-            feeds = {k: v.numpy() for k, v in inputs.items()}
-            with torch.inference_mode():
-                ref = m(*args_t)
-                ref = ref if isinstance(ref, dict) else {g.output_names[0]: ref}
-                out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-                err = max(float(np.abs(out[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-6))
-                          for k, v in ref.items() if v.is_floating_point())
-                t_torch, t_ort = _alternate(lambda m=m, a=args_t: m(*a), lambda s=sess, f=feeds: s.run(None, f), args.iters)
-            rows.append((g.name, inputs[g.inputs[0].name].shape[1], t_torch, t_ort, err))
-            print(f"{g.name:18s} torch {t_torch * 1e3:8.2f} ms  onnxruntime {t_ort * 1e3:8.2f} ms  "
-                  f"ratio {t_ort / t_torch:5.2f}  rel.err {err:.1e}", flush=True)
-    return rows
+def measure(g, weights, inputs, iters: int, threads: int = 1, provider: str = "cpu",
+            bindings: dict | None = None, warmup: int = 3) -> tuple[float, float, float]:
+    """(PyTorch eager s, onnxruntime s, max relative output difference) for one graph and input."""
+    m = _module(g, weights, bindings)
+    sess = _session(export_forward(g, weights, bindings).model, threads, provider)
+    args_t = [inputs[a.name] for a in g.inputs]
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    with torch.inference_mode():
+        ref = m(*args_t)
+        ref = ref if isinstance(ref, dict) else {g.output_names[0]: ref}
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        err = max(float(np.abs(out[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-6))
+                  for k, v in ref.items() if v.is_floating_point())
+        t_torch, t_ort = _alternate(lambda: m(*args_t), lambda: sess.run(None, feeds), iters, warmup)
+    return t_torch, t_ort, err
 
 
 def measure_case(name: str, overrides: dict, batch: int, seq: int, repeat: int, threads: int = 2) -> dict:
@@ -86,27 +81,26 @@ def measure_case(name: str, overrides: dict, batch: int, seq: int, repeat: int, 
     suite's sizes, onnxruntime (CPU) vs the generated module in eager mode, same weights."""
     g = stdlib.graphs(name)[0]
     w = seeded_weights(g, overrides, seed=0)
-    namespace: dict = {}
-    exec(compile(generate([g]).source, f"<archc:{g.name}>", "exec"), namespace)   # archc's generated code
-    m = namespace[g.name](**{k: v for k, v in overrides.items() if k in {s.name for s in g.symbols}})
-    m.load_state_dict({state_key(k): torch.from_numpy(v) for k, v in w.items()})
-    m.eval()
-    sess = _session(export_forward(g, w, overrides).model, threads, "cpu")
     inputs = example_inputs(g, bindings=overrides, batch=batch, seq=seq, seed=0)
-    args_t = [inputs[a.name] for a in g.inputs]
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    with torch.inference_mode():
-        ref = m(*args_t)
-        ref = ref if isinstance(ref, dict) else {g.output_names[0]: ref}
-        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
-        err = max(float(np.abs(out[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-6))
-                  for k, v in ref.items() if v.is_floating_point())
-        t_torch, t_ort = _alternate(lambda: m(*args_t), lambda: sess.run(None, feeds), max(repeat, 1), warmup=1)
+    t_torch, t_ort, err = measure(g, w, inputs, max(repeat, 1), threads, bindings=overrides, warmup=1)
     return {"model": name, "batch": batch, "seq": seq, "eager_ms": 1e3 * t_torch, "onnxruntime_ms": 1e3 * t_ort,
             "ratio": t_ort / t_torch, "rel_err": err}
 
 
-def depth_sweep(args) -> list[tuple]:
+def per_model(args) -> list[tuple]:
+    rows = []
+    for name in stdlib.names():
+        for g in stdlib.graphs(name):
+            w = seeded_weights(g, seed=0)
+            inputs = example_inputs(g, batch=args.batch, seq=args.seq, seed=0)
+            t_torch, t_ort, err = measure(g, w, inputs, args.iters, args.threads, args.provider)
+            rows.append((g.name, inputs[g.inputs[0].name].shape[1], t_torch, t_ort, err))
+            print(f"{g.name:18s} torch {t_torch * 1e3:8.2f} ms  onnxruntime {t_ort * 1e3:8.2f} ms  "
+                  f"ratio {t_ort / t_torch:5.2f}  rel.err {err:.1e}", flush=True)
+    return rows
+
+
+def depth_sweep(args):
     """One graph, the recursion count as an input: latency as the count grows."""
     (g,) = stdlib.graphs("depth_recurrent")
     w = seeded_weights(g, seed=0)
@@ -131,7 +125,7 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     import onnxruntime as ort

@@ -128,7 +128,8 @@ def test_onnx_matches_interpreter(name, g):
         _check(_run(sess, _feeds(inputs)), run(g, _torch_weights(w), inputs), _fp64(g, w, inputs))
     inputs = example_inputs(g, seq=lengths[0], seed=seed + 1)
     for s in fwd.runtime_symbols:
-        other = {s: resolve_bindings(g)[s] + 1}
+        default = resolve_bindings(g)[s]
+        other = {s: default - 1 if default >= 2 else default + 1}      # within the model's `require`s
         feeds = dict(_feeds(inputs), **{s: np.array(other[s], np.int64)})
         _check(_run(sess, feeds), run(g, _torch_weights(w), inputs, bindings=other), _fp64(g, w, inputs, other))
 
@@ -298,14 +299,17 @@ def _empty_caches(sess, batch: int) -> dict:
     return feeds
 
 
-@pytest.mark.parametrize("name,g", [c for c in _cases() if decode_kind(c[1])],
+DECODE_CASES = ["ThinK", "MoVE", "LycheeDecode", "CoLa",           # K/V caches (in loops, with a policy, with count inputs)
+                "MoR", "TitansMAC", "HRM"]                        # history recompute (routing, memory scan, halting)
+
+
+@pytest.mark.parametrize("name,g", [c for c in _cases() if c[1].name in DECODE_CASES],
                          ids=lambda x: x if isinstance(x, str) else x.name)
 def test_decode_step_graph_matches_the_full_forward(name, g):
     """Prefill, then two steps; each step's outputs equal the full forward's at the new positions."""
     w = seeded_weights(g, seed=1)
     dec = export_decode(g, w)
     onnx.checker.check_model(dec.model, full_check=True)
-    assert dec.kind == ("kv_decode" if name in ("think", "move") else "recompute_decode")
     sess = session(dec.model, threads=1)
     c = _step(g)
     tokens = example_inputs(g, seq=3 * c + (4 if c == 1 else 0), seed=2)["tokens"]
@@ -323,6 +327,13 @@ def test_decode_step_graph_matches_the_full_forward(name, g):
                lambda: tuple(new_positions(x) for x in exact()))
         feeds.update({"past" + k[len("present"):]: v for k, v in out.items() if k.startswith("present")})
         pos += n
+
+
+def test_decode_kinds():
+    kinds = {g.name: decode_kind(g) for n in ("think", "move", "mor", "titans", "depth_recurrent") for g in stdlib.graphs(n)}
+    expected = {"ThinK": "kv_decode", "MoVE": "kv_decode", "MoR": "recompute_decode", "MoRKVShare": "recompute_decode",
+                "MoRTokenChoice": "recompute_decode", "TitansMAC": "recompute_decode", "DepthRecurrent": None}
+    assert {k: kinds[k] for k in expected} == expected
 
 
 def test_kv_decode_caches_are_explicit_inputs_and_outputs():
@@ -368,13 +379,13 @@ def test_cli_writes_checked_models_per_architecture(tmp_path):
 
 
 def test_weights_from_a_state_dict_reproduce_the_torch_module(tmp_path):
-    cls = api.load(stdlib.path("titans"))
+    cls = api.load(stdlib.path("titans"), arch="TitansMAC")
     torch.manual_seed(7)
     model = cls().eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
     out = tmp_path / "titans.onnx"
-    res = CliRunner().invoke(main, ["compile", str(ROOT / "stdlib" / "titans.arch"), "--target", "onnx",
-                                    "--weights", str(tmp_path / "w.pt"), "-o", str(out)])
+    res = CliRunner().invoke(main, ["compile", str(ROOT / "stdlib" / "titans.arch"), "--arch", "TitansMAC",
+                                    "--target", "onnx", "--weights", str(tmp_path / "w.pt"), "-o", str(out)])
     assert res.exit_code == 0, res.output
     tokens = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
@@ -393,10 +404,17 @@ def test_cli_errors_are_diagnostics(tmp_path, args, message):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
     args = [a.format(bad=bad, out=tmp_path / "m.onnx") for a in args]
-    res = CliRunner().invoke(main, ["compile", str(ROOT / "stdlib" / "titans.arch"), "--target", "onnx", *args])
+    res = CliRunner().invoke(main, ["compile", str(ROOT / "stdlib" / "think.arch"), "--target", "onnx", *args])
     assert res.exit_code == 1
     assert "Traceback" not in res.output
     assert message in res.output
+
+
+def test_a_site_reading_kv_before_its_source_runs_is_a_diagnostic():
+    late = ZOO.replace("    h = h + a(h)\n    h = h + b(h)\n", "    h = h + b(h)\n    h = h + a(h)\n")   # b reads a, first
+    (g,) = [g for g in api.check(late) if g.name == "Share"]
+    with pytest.raises(ArchError, match="reads the K/V of `a.attn`, which does not run before it"):
+        export_forward(g, seeded_weights(g))
 
 
 def test_weights_must_match_the_architecture():

@@ -35,6 +35,7 @@ class Exported:
     model: onnx.ModelProto
     kind: str                          # "forward" | "kv_decode" | "recompute_decode"
     runtime_symbols: tuple[str, ...]   # int64 scalar inputs with defaults (recursion counts)
+    notes: tuple[str, ...] = ()        # what a user should know about this graph (printed by the CLI)
 
 
 def runtime_symbols(g: Graph) -> list[str]:
@@ -110,7 +111,7 @@ class _Model:
             elem, dims = ELEM[t.dtype], _dims(t, self.static)
         self.outputs.append(value_info(name, elem, None, dims=dims))
 
-    def model(self, kind: str, doc: str) -> Exported:
+    def model(self, kind: str, doc: str, notes: tuple[str, ...] = ()) -> Exported:
         graph = helper.make_graph(self.top.nodes, self.g.name, self.inputs, self.outputs,
                                   initializer=self.ex.initializers, doc_string=doc)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="archc",
@@ -118,7 +119,7 @@ class _Model:
         meta = {"archc.arch": self.g.name, "archc.kind": kind, "archc.runtime_parameters": ",".join(self.runtime),
                 "archc.parameters": ", ".join(f"{k}={v}" for k, v in self.values.items())}
         helper.set_model_props(m, meta)
-        return Exported(m, kind, tuple(self.runtime))
+        return Exported(m, kind, tuple(self.runtime), notes)
 
 
 def export_forward(g: Graph, weights: dict[str, np.ndarray], bindings: dict[str, Any] | None = None,
@@ -233,4 +234,7 @@ def _kv_decode(g: Graph, weights, bindings) -> Exported:
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in past.type.tensor_type.shape.dim]
         dims[-3] = "P + T"
         mm.add_output(name, value, elem=elem, dims=dims)
-    return mm.model("kv_decode", f"archc decode step of {g.name}: attention reads and extends explicit K/V caches")
+    lossy = sorted({p.kind for p in g.policies if p.kind in ("prune_key_channels", "topk_decode")})
+    notes = tuple(f"the decode graph's cache keeps every key at full width: the `{k}` policy (a decode-time policy of "
+                  "the PyTorch module) is not applied, so outputs equal the full forward's" for k in lossy)
+    return mm.model("kv_decode", f"archc decode step of {g.name}: attention reads and extends explicit K/V caches", notes)

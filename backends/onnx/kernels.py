@@ -212,10 +212,26 @@ def _wt(sc: Scope, w: str) -> str:
     return sc.op("Transpose", w, perm=[0, 2, 1])
 
 
+def lq_normalize(sc: Scope, ws: list[str], q: float) -> list[str]:
+    """Moneta's l_q retention: the memory applies W = A / ||A||_q^(q-2) of its accumulator A, per sample."""
+    e = sc.ex
+    out = []
+    for a in ws:
+        norm = sc.op("ReduceSum", sc.op("Pow", sc.op("Abs", a), e.f32(q)), e.i64([-2, -1]), keepdims=1)
+        scale = sc.op("Max", sc.op("Pow", norm, e.f32((q - 2) / q)), e.f32(1e-12))
+        out.append(sc.op("Div", a, scale))
+    return out
+
+
+def _applied(sc: Scope, n, ws: list[str]) -> list[str]:
+    """The weights the memory applies: its state, or the l_q-normalised accumulator."""
+    return lq_normalize(sc, ws, float(n.attr("q", 4.0))) if n.attr("retention") == "lq" else ws
+
+
 @rule(Op.MEM_READ)
 def _mem_read(lw, sc, n, ins):
     """mlp_memory: h = act(h W_i^T) per sample, no activation after the last layer (+ q if residual)."""
-    q, ws = ins[0], ins[1:]
+    q, ws = ins[0], _applied(sc, n, ins[1:])
     rank = lw.rank(n.inputs[0])
     d_in = lw.static_dim(n.inputs[0], -1, "the memory's input size")
     act = ACTIVATIONS[n.attr("act")]
@@ -249,17 +265,28 @@ def _act_grad(sc: Scope, act: str, z: str) -> str:
     raise ArchError(f"unknown memory activation `{act}`")
 
 
-def _loss_grad(sc: Scope, loss: str, err: str, width: int) -> str:
-    """d mean_d(loss(err)) / d err."""
+def _loss_grad(sc: Scope, n, err: str, width: int, delta: str | None) -> str:
+    """d mean_d(loss(err)) / d err (the per-token attentional bias of `memory_write`)."""
     e = sc.ex
+    loss = n.attr("loss")
     if loss == "mse":
         g = sc.op("Mul", err, e.f32(2.0))
     elif loss == "l1":
         g = sc.op("Sign", err)
     elif loss == "huber":  # delta = 1: quadratic inside, linear outside
         g = sc.op("Clip", err, e.f32(-1.0), e.f32(1.0))
+    elif loss == "lp":     # (e^2 + 1e-6)^(p/2) -> p e (e^2 + 1e-6)^(p/2 - 1)
+        p = float(n.attr("p", 3.0))
+        smooth = sc.op("Add", sc.op("Mul", err, err), e.f32(1e-6))
+        g = sc.op("Mul", sc.op("Mul", err, e.f32(p)), sc.op("Pow", smooth, e.f32(p / 2 - 1)))
+    elif loss == "yaad":   # 2e while ||e|| <= delta, else delta * e / sqrt(e^2 + 1e-6)
+        dl = sc.op("Unsqueeze", delta, e.i64([-1]))
+        small = sc.op("LessOrEqual", sc.op("Sqrt", sc.op("ReduceSum", sc.op("Mul", err, err), e.i64([-1]), keepdims=1)),
+                      dl)
+        linear = sc.op("Mul", dl, sc.op("Div", err, sc.op("Sqrt", sc.op("Add", sc.op("Mul", err, err), e.f32(1e-6)))))
+        g = sc.op("Where", small, sc.op("Mul", err, e.f32(2.0)), linear)
     else:
-        raise ArchError(f"unknown memory loss `{loss}`")
+        raise ArchError(f"unknown memory loss `{loss}`", n.span)
     return sc.op("Div", g, e.f32(float(width)))
 
 
@@ -269,12 +296,17 @@ def _mem_write(lw, sc, n, ins):
 
     p = M(k); G_p = lr * d loss / d p; for the last layer down to the first,
     dW_i = G_{z_i}^T h_i (summed over tokens, per sample), G_{h_i} = G_{z_i} W_i, G_{z_{i-1}} = G_{h_i} * act'(z_{i-1});
-    S_i' = momentum * S_i - dW_i;  W_i' = (1 - forget) * W_i + S_i'.
+    S_i' = momentum * S_i - dW_i; then the retention rule: W_i' = (1 - forget) * W_i + S_i' (l2, and the
+    l_q accumulator), or W_i' = softmax((1 - forget) * log W_i + S_i') per row (kl).
     """
+    e = sc.ex
     L = int(n.attr("layers"))
     k, v, lr, momentum, forget = ins[:5]
     ws, ms = ins[5:5 + L], ins[5 + L:5 + 2 * L]
-    e = sc.ex
+    delta = None
+    if n.attr("has_delta"):
+        delta = sc.op("Reshape", ins[5 + 2 * L], e.i64([0, -1]))
+    applied = _applied(sc, n, ws)          # the gradient is taken at the weights the memory applies
     act_name = n.attr("act")
     act = ACTIVATIONS[act_name]
     rank = lw.rank(n.inputs[0])
@@ -283,7 +315,7 @@ def _mem_write(lw, sc, n, ins):
     x0 = _flat_tokens(sc, k, rank, d_in)
     hs, zs = [x0], []
     h = x0
-    for i, w in enumerate(ws):
+    for i, w in enumerate(applied):
         z = sc.op("MatMul", h, _wt(sc, w))
         zs.append(z)
         if i < L - 1:
@@ -292,18 +324,22 @@ def _mem_write(lw, sc, n, ins):
     p = sc.op("Add", zs[-1], x0) if n.attr("residual") else zs[-1]
     err = sc.op("Sub", p, _flat_tokens(sc, v, lw.rank(n.inputs[1]), d_out))
     rate = sc.op("Reshape", lr, sc.shape_of(err, 0, -1))                     # per token, as [B, T]
-    g = sc.op("Mul", _loss_grad(sc, n.attr("loss"), err, d_out), sc.op("Unsqueeze", rate, e.i64([-1])))
+    g = sc.op("Mul", _loss_grad(sc, n, err, d_out, delta), sc.op("Unsqueeze", rate, e.i64([-1])))
     grads: list[str] = [""] * L
     for i in range(L - 1, -1, -1):
         if i < L - 1:
             g = sc.op("Mul", g, _act_grad(sc, act_name, zs[i]))
         grads[i] = sc.op("MatMul", sc.op("Transpose", g, perm=[0, 2, 1]), hs[i])
         if i > 0:
-            g = sc.op("MatMul", g, ws[i])
+            g = sc.op("MatMul", g, applied[i])
     mom = sc.op("Reshape", momentum, e.i64([-1, 1, 1]))
     keep = sc.op("Sub", e.f32(1.0), sc.op("Reshape", forget, e.i64([-1, 1, 1])))
     new_m = [sc.op("Sub", sc.op("Mul", mom, m), gr) for m, gr in zip(ms, grads)]
-    new_w = [sc.op("Add", sc.op("Mul", keep, w), m) for w, m in zip(ws, new_m)]
+    if n.attr("retention") == "kl":        # stays on the simplex: softmax(keep * log W + S') per row
+        logs = [sc.op("Log", sc.op("Max", w, e.f32(1e-30))) for w in ws]
+        new_w = [sc.op("Softmax", sc.op("Add", sc.op("Mul", keep, lg), m), axis=-1) for lg, m in zip(logs, new_m)]
+    else:
+        new_w = [sc.op("Add", sc.op("Mul", keep, w), m) for w, m in zip(ws, new_m)]
     return new_w + new_m
 
 

@@ -39,12 +39,26 @@ class Lowerer:
         self.state: dict[tuple, list[str]] = {}   # threaded values: shared K/V (see regions.py)
         self.sources = {("from", (n.attr("kv_share") or "").split(":")[-1]) for n in g.walk()
                         if n.op is Op.ATTEND and n.attr("kv_share") and not n.attr("kv_share").startswith("recursion:")}
+        self._check_share_order()
         self.cache_inputs: dict[str, tuple[str, str]] = {}   # decode: attend result -> (past K, past V) inputs
         self.cache_names: dict[str, str] = {}
         self.loop_iters: list[str] = []     # iteration counters of the enclosing Loops (decode caches)
         self.exports: list[tuple[str, str, int, int]] = []    # (output name, value, elem, rank) to bubble up
         self.positions: str | None = None   # decode: absolute positions of the new tokens [1, T]
         self.past_length: str | None = None
+
+    def _check_share_order(self) -> None:
+        """A site reading another's K/V must come after it in program order (else the interpreter fails)."""
+        seen: set[str] = set()
+        for n in self.g.walk():
+            if n.op is not Op.ATTEND:
+                continue
+            share = n.attr("kv_share") or ""
+            if share and not share.startswith("recursion:") and share.split(":")[-1] not in seen:
+                raise ArchError(f"attention `{n.attr('site')}` reads the K/V of `{share.split(':')[-1]}`, which does "
+                                "not run before it", n.span)
+            if n.attr("site"):
+                seen.add(n.attr("site"))
 
     def region(self, sc: Scope, r: Region, args: list[str]) -> list[str]:
         for a, v in zip(r.args, args):
