@@ -21,6 +21,10 @@ Grouping is one walk per region in program order, keeping one open group:
   elementwise op is one kernel already).
 
 Nested regions (loop, scan and route bodies) are fused first, independently.
+
+A split can leave two ops that a fresh grouping would fuse (an open group of shape [B, T, d] took
+them, then they had to leave it as smaller results), so the grouping runs to a fixpoint: applying
+the pass to its own output changes nothing.
 """
 from __future__ import annotations
 
@@ -37,8 +41,13 @@ _VALUE_DTYPES = (F32, BOOL)
 
 def fuse_elementwise(g: Graph) -> Graph:
     """Group chains of elementwise, norm and residual ops into `fused` regions: one Triton kernel each."""
-    types = _all_types(g)
-    body = _region(g.body, set(types), types)
+    body = g.body
+    for _ in range(8):        # a split can leave a chain that a second grouping fuses: run to a fixpoint
+        types = _all_types(g.replace(body=body))
+        new = _region(body, set(types), types)
+        if new == body:
+            break
+        body = new
     return g if body == g.body else g.replace(body=body)
 
 

@@ -32,8 +32,9 @@ def _weights(out, seed=5):
 
 def _compare(g, mod, inputs, seed=3, grads=True, overrides=None):
     """Outputs, input gradients and parameter gradients of the generated module vs the interpreter."""
-    gm = GraphModule(g, overrides, seed=seed)
-    m = getattr(mod, g.name)(**(overrides or {}))
+    # eval mode on both sides, as the interpreter runs by default (training-mode routing is random)
+    gm = GraphModule(g, overrides, seed=seed).eval()
+    m = getattr(mod, g.name)(**(overrides or {})).eval()
     m.load_state_dict({state_key(k): v.detach() for k, v in gm.param_dict().items()}, strict=True)
     ins_ref = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in inputs.items()}
     ins_got = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in inputs.items()}
