@@ -10,6 +10,7 @@ input, against the module with `steps` set to the same count.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -66,7 +67,7 @@ def measure(g, weights, inputs, iters: int, threads: int = 1, provider: str = "c
     sess = _session(export_forward(g, weights, bindings).model, threads, provider)
     args_t = [inputs[a.name] for a in g.inputs]
     feeds = {k: v.numpy() for k, v in inputs.items()}
-    with torch.inference_mode():
+    with torch.no_grad():
         ref = m(*args_t)
         ref = ref if isinstance(ref, dict) else {g.output_names[0]: ref}
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
@@ -112,7 +113,7 @@ def depth_sweep(args):
     for steps in (2, 8, 32):
         m.steps = steps
         feeds = dict({k: v.numpy() for k, v in inputs.items()}, steps=np.array(steps, np.int64))
-        with torch.inference_mode():
+        with torch.no_grad():
             t_torch, t_ort = _alternate(lambda: m(**inputs), lambda f=feeds: sess.run(None, f), args.iters)
         rows.append((steps, t_torch, t_ort))
         print(f"steps {steps:3d}: torch {t_torch * 1e3:8.2f} ms  onnxruntime {t_ort * 1e3:8.2f} ms  "
@@ -130,14 +131,16 @@ def main():
     args = ap.parse_args()
     import onnxruntime as ort
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     rows = per_model(args)
     sweep, size = depth_sweep(args)
+    load = f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores"
     ratios = [t_ort / t_torch for _, _, t_torch, t_ort, _ in rows]
-    setup = (f"Batch {args.batch}, default model sizes, fp32, `torch.inference_mode()`, {args.threads} threads each, "
+    setup = (f"Batch {args.batch}, default model sizes, fp32, `torch.no_grad()`, {args.threads} threads each, "
              f"median of {args.iters} calls alternating between the two runtimes in one process "
              f"(`python -m bench.onnx_latency`). Ratio = onnxruntime time / PyTorch time (< 1: onnxruntime is faster).")
     machine = (f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch {torch.__version__}, "
-               f"onnxruntime {ort.__version__}, python {platform.python_version()}")
+               f"onnxruntime {ort.__version__}, python {platform.python_version()}; {load}")
     lines = [f"# onnxruntime ({args.provider}) vs the generated PyTorch module (eager)", "", setup, "", machine, "",
              "| model | T | PyTorch eager (ms) | onnxruntime (ms) | ratio | max rel. error |", "|---|---|---|---|---|---|"]
     for name, seq, t_torch, t_ort, err in rows:

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import torch
-from archc.backends.onnx.builder import BOOL, F32, I64, INT64_MAX, Scope, value_info
+from archc.backends.onnx.builder import BOOL, F32, I64, Scope
 from archc.backends.onnx.lower import ACTIVATIONS, DECODE, Lowerer, rule, slice_from
 from archc.ir.ops import Op, attend_operands
 
@@ -414,5 +414,3 @@ def _bank_valid(lw, sc, n, ins):
     slots = sc.op("Unsqueeze", sc.op("Range", e.i64(0), _slots(lw, sc, n, buf), e.i64(1)), e.i64([0]))
     return [sc.op("Less", slots, sc.op("Unsqueeze", count, e.i64([1])))]
 
-
-__all__ = ["BOOL", "INT64_MAX", "attention", "repeat_kv", "rope", "value_info"]

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import sympy
-from archc.backends.onnx.builder import BOOL, ELEM, F32, I64, INT64_MAX, Exporter, Scope
+from archc.backends.onnx.builder import BOOL, ELEM, F32, INT64_MAX, Exporter, Scope
 from archc.ir.core import Graph, Node, Region
 from archc.ir.ops import Op
 from archc.ir.shapes import DType, TensorType, dims_equal
+from onnx import helper
 
 from archc.errors import ArchError
 
@@ -131,7 +131,6 @@ def _full(lw, sc, n, ins):
     if value is None:
         fill = sc.op("Reshape", sc.scalar(n.attr("value"), ELEM[dtype]), lw.ex.i64([1]))
         return [sc.op("Expand", fill, shape)]
-    from onnx import helper
     np_value = np.array([value], dtype={DType.F32: np.float32, DType.I64: np.int64, DType.BOOL: np.bool_}[dtype])
     return [sc.op("ConstantOfShape", shape, value=helper.make_tensor("value", ELEM[dtype], [1], np_value.tolist()))]
 
@@ -283,9 +282,10 @@ _REDUCE = {Op.SUM: "ReduceSum", Op.MEAN: "ReduceMean", Op.AMAX: "ReduceMax", Op.
 @rule(*_REDUCE)
 def _reduce(lw, sc, n, ins):
     src = lw.dtype(n.inputs[0])
-    work = DType.F32 if n.op in (Op.SUM, Op.MEAN, Op.LOGSUMEXP) or src is DType.BOOL and n.op is not Op.AMAX else src
-    if n.op is Op.AMAX and src is DType.BOOL:
-        work = DType.I64
+    if n.op in (Op.SUM, Op.MEAN, Op.LOGSUMEXP):
+        work = DType.F32                  # the interpreter sums integers as floats
+    else:
+        work = DType.I64 if src is DType.BOOL else src
     x = lw.cast(sc, ins[0], src, work)
     axis = lw.axis(n, lw.rank(n.inputs[0]))
     out = sc.op(_REDUCE[n.op], x, lw.ex.i64([axis]), keepdims=int(bool(n.attr("keepdim", False))))
@@ -335,7 +335,6 @@ def scatter_true(sc: Scope, shape: str, idx: str, axis: int) -> str:
 
 
 def _bool_value(v: bool):
-    from onnx import helper
     return helper.make_tensor("value", BOOL, [1], [v])
 
 
@@ -495,10 +494,4 @@ def slice_from(sc: Scope, x: str, start: str, axis: int) -> str:
     return sc.op("Slice", x, s, sc.ex.i64([INT64_MAX]), sc.ex.i64([axis]))
 
 
-def is_number(e) -> bool:
-    return isinstance(e, (int, float)) or (isinstance(e, sympy.Basic) and e.is_number)
-
-
 from archc.backends.onnx import kernels, regions  # noqa: F401  (they register their rules)
-
-__all__ = ["BOOL", "DECODE", "F32", "I64", "LOWER", "Lowerer", "rule"]
