@@ -52,7 +52,7 @@ def test_mlir_parses_back_and_holds_the_expected_ops(name, dialect, bindings, ex
 @pytest.mark.parametrize("name,op", [("hrm", "halt_loop"), ("titans", "mem_write"), ("mor", "route_mask")])
 def test_untraceable_models_fail_naming_the_op(name, op):
     pytest.importorskip("torch_mlir")
-    arch = "MoRTokenChoice" if name == "mor" else None
+    arch = {"mor": "MoRTokenChoice", "titans": "TitansMAC"}.get(name)
     with pytest.raises(ArchError) as err:
         mlir.export_mlir(stdlib.path(name), arch=arch)
     text = err.value.render()
