@@ -151,6 +151,13 @@ def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, l
     to end. torch.compile runs this step eagerly (an autograd.grad inside a compiled graph is not
     supported by AOTAutograd).
     """
+    if torch.is_inference_mode_enabled():
+        # inference tensors cannot enter autograd: take the inner step on normal copies
+        with torch.inference_mode(False), torch.no_grad():
+            copy = [k, v, lr, momentum, forget, ws, ms, delta]
+            copy = [[t.clone() for t in x] if isinstance(x, list) else x if x is None else x.clone() for x in copy]
+            k, v, lr, momentum, forget, ws, ms, delta = copy
+            return memory_write(k, v, lr, momentum, forget, ws, ms, act, residual, loss, retention, q, p, delta)
     outer = torch.is_grad_enabled()
     applied = lq_normalize(ws, q) if retention == "lq" else ws
     with torch.enable_grad():

@@ -33,6 +33,21 @@ def _as_dict(g, out):
 
 
 @pytest.mark.parametrize("name,g", _cases(), ids=lambda x: x if isinstance(x, str) else x.name)
+def test_generated_runs_under_inference_mode(name, g):
+    """Deployments serve under torch.inference_mode: memory writes (an inner autograd step) included."""
+    m, params = _module(name, g)
+    inputs = example_inputs(g, seed=5)
+    ref = run(g, params, inputs)
+    with torch.inference_mode():
+        out = _as_dict(g, m(**inputs))
+    for k in ref:
+        if ref[k].is_floating_point():
+            torch.testing.assert_close(out[k], ref[k], atol=ATOL, rtol=RTOL)
+        else:
+            assert torch.equal(out[k], ref[k]), k
+
+
+@pytest.mark.parametrize("name,g", _cases(), ids=lambda x: x if isinstance(x, str) else x.name)
 def test_generated_matches_interpreter_outputs_and_gradients(name, g):
     m, params = _module(name, g)
     inputs = example_inputs(g, seed=int(time.time() * 1000) % 10_000)     # fresh inputs each run
