@@ -47,7 +47,7 @@ def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, m
     the first `prefix` keys are visible to every query; `mask` ([Tq, Tk] or [B, Tq, Tk]) is true
     where attending is allowed. Runs on F.scaled_dot_product_attention (fused kernels).
     """
-    B, Tq, H, D = q.shape
+    B, Tq, H = q.shape[:3]
     Tk = k.shape[1]
     k, v = repeat_kv(k, v, H)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
