@@ -296,6 +296,7 @@ def bench_case(c: Captured, module, timer: Timer, peak: float, smoke: bool, do_t
                 _train(archc_fn, args)()
         tuned_cfg = {k: v[0] for k, v in session.best.items()}
         tune._MEMO.update(tuned_cfg)
+        tune._SIZES.clear()
     with torch.no_grad():
         t_archc = timer(lambda: archc_fn(*args)) if tuned_cfg else t_default
         t_eager = timer(lambda: eager_fn(*args))

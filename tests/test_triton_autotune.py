@@ -19,7 +19,9 @@ DEFAULT = CONFIGS[1]
 def cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ARCHC_CACHE_DIR", str(tmp_path / "autotune"))
     yield tmp_path / "autotune"
-    tune._CACHE, tune._LOADED, tune._MEMO = None, False, {}
+    tune._CACHE, tune._LOADED = None, False
+    tune._MEMO.clear()
+    tune._SIZES.clear()
 
 
 def _fake_bench(fn):

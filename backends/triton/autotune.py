@@ -146,7 +146,8 @@ class Cache:
 
 _CACHE: Cache | None = None
 _LOADED = False
-_MEMO: dict[tuple[str, str], dict] = {}
+_MEMO: dict[tuple[str, str], dict] = {}         # (kernel, bucket) -> configuration
+_SIZES: dict[tuple[str, tuple], dict] = {}      # (kernel, exact sizes) -> configuration
 _SESSION: "Session | None" = None
 
 
@@ -159,11 +160,17 @@ def load(key: dict[str, str] | None = None, path: Path | None = None) -> Cache |
     _CACHE = Cache(path or cache_path(key), key) if key is not None else None
     _LOADED = True
     _MEMO.clear()
+    _SIZES.clear()
     return _CACHE
 
 
 def config(name: str, sizes, default: dict, configs, runner: Callable[[dict], Any]) -> dict:
     """The configuration to launch `name` with on inputs of these sizes."""
+    sizes = tuple(sizes)
+    if _SESSION is None:
+        hit = _SIZES.get((name, sizes))       # the launch path: one dict lookup
+        if hit is not None:
+            return hit
     bkt = bucket(sizes)
     if _SESSION is not None:
         return _SESSION.tune(name, bkt, configs, default, runner)
@@ -172,6 +179,7 @@ def config(name: str, sizes, default: dict, configs, runner: Callable[[dict], An
         cache = load()
         hit = (cache.lookup(name, bkt, configs) if cache is not None else None) or dict(default)
         _MEMO[(name, bkt)] = hit
+    _SIZES[(name, sizes)] = hit
     return hit
 
 
@@ -198,6 +206,7 @@ class Session:
         global _SESSION
         _SESSION = self.prev
         _MEMO.clear()
+        _SIZES.clear()
 
     def tune(self, name: str, bkt: str, configs, default: dict, runner) -> dict:
         k = (name, bkt)

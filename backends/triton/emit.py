@@ -35,7 +35,7 @@ from archc.ir.core import Graph, Node
 from archc.ir.ops import Op
 
 IMPORTS = ("import triton", "import triton.language as tl", "from archc.backends.triton import autotune as _tune")
-_GLOBALS = {"triton", "tl", "_tune", "rows_view", "rows_cols"}
+_GLOBALS = {"triton", "tl", "_tune", "rows_view", "rows_cols", "broadcast_shape"}
 
 
 def families() -> list:
@@ -104,7 +104,7 @@ class TritonEmitter(_Emitter):
 
     def __init__(self, g: Graph, plan: Plan, cached: bool = False):
         super().__init__(g, cached=cached, taken=set(plan.kernels) | _GLOBALS |
-                         {f"{k}_fn" for k in plan.kernels})
+                         {f"{k}_{suffix}" for k in plan.kernels for suffix in ("fn", "run", "launch", "fwd", "bwd")})
         self.plan = plan
         self.kernels_used: set[str] = set()
 
@@ -152,8 +152,8 @@ class TritonEmitter(_Emitter):
 def generate(graphs: list[Graph], source_file: str = "", doc: str = "", fams: list | None = None) -> GeneratedCode:
     """The `--target triton` module for `graphs` (deterministic text)."""
     p = plan(graphs, fams)
-    runtime = [inspect.getsource(triton_runtime.rows_cols).rstrip(),
-               inspect.getsource(triton_runtime.rows_view).rstrip()]
+    runtime = [inspect.getsource(fn).rstrip() for fn in
+               (triton_runtime.rows_cols, triton_runtime.broadcast_shape, triton_runtime.rows_view)]
     load = "_tune.load()  # this GPU's tuned kernel configurations (kernels without an entry use their default)"
     prelude = tuple([load] + runtime + [ks.source for ks in p.kernels.values()])
     return torch_generate(graphs, source_file, doc,

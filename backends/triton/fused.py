@@ -430,7 +430,7 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
             "", ""]
 
     def views(indent: str) -> list[str]:
-        lines = [f"{indent}shape = torch.broadcast_shapes({', '.join(f'x{i}.shape' for i in tensors)})",
+        lines = [f"{indent}shape = broadcast_shape({', '.join(f'x{i}.shape' for i in tensors)})",
                  f"{indent}R, C = rows_cols(shape)"]
         lines += [f"{indent}v{i} = rows_view(x{i}, shape)" for i in tensors]
         flat = ", ".join(f"s{i}" if o.scalar else f"*v{i}[:3]" for i, o in enumerate(ops))
@@ -441,32 +441,35 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
     sig = ", ".join(args)
     results = node.regions[0].results
     outs = [f"y{k}" for k in range(n_out)]
-    out += [f"class {name}_fn(torch.autograd.Function):",
-            f'    """{_describe(node)}: generated forward and backward kernels."""',
-            "",
-            "    @staticmethod",
-            f"    def forward(ctx, {sig}):"]
-    out += views("        ")
+    out += [f"def {name}_run({sig}):",
+            f'    """{_describe(node)}: the forward kernel (no autograd)."""']
+    out += views("    ")
     for k, y in enumerate(results):
         dt = "torch.bool" if w.dtype[y] is BOOL else float_of
-        out.append(f"        y{k} = torch.empty(shape, dtype={dt}, device=x{tensors[0]}.device)")
-    out += ["        if R * C:",
-            f"            cfg = _tune.config({name!r}, (R, C), {const}_DEFAULT, {const}_CONFIGS,",
-            f"                               lambda c: {name}_launch({name}_fwd, c, args + ({', '.join(outs)},), dense, R, C))",
-            f"            {name}_launch({name}_fwd, cfg, args + ({', '.join(outs)},), dense, R, C)"]
-    bool_outs = [f"y{k}" for k, y in enumerate(results) if w.dtype[y] is BOOL]
-    if bool_outs:
-        out.append(f"        ctx.mark_non_differentiable({', '.join(bool_outs)})")
+        out.append(f"    y{k} = torch.empty(shape, dtype={dt}, device=x{tensors[0]}.device)")
+    out += ["    if R * C:",
+            f"        cfg = _tune.config({name!r}, (R, C), {const}_DEFAULT, {const}_CONFIGS,",
+            f"                           lambda c: {name}_launch({name}_fwd, c, args + ({', '.join(outs)},), dense, R, C))",
+            f"        {name}_launch({name}_fwd, cfg, args + ({', '.join(outs)},), dense, R, C)",
+            f"    return {', '.join(outs)}", "", ""]
     if grads:
+        got = ", ".join(outs)
+        out += [f"class {name}_fn(torch.autograd.Function):",
+                f'    """{_describe(node)}: generated forward and backward kernels."""',
+                "",
+                "    @staticmethod",
+                f"    def forward(ctx, {sig}):",
+                f"        {got} = {name}_run({sig})"]
+        bool_outs = [f"y{k}" for k, y in enumerate(results) if w.dtype[y] is BOOL]
+        if bool_outs:
+            out.append(f"        ctx.mark_non_differentiable({', '.join(bool_outs)})")
         out.append(f"        ctx.save_for_backward({', '.join(f'x{i}' for i in tensors)})")
         scalars = [f"s{i}" for i, o in enumerate(ops) if o.scalar]
         if scalars:
             out.append(f"        ctx.scalars = ({', '.join(scalars)},)")
-    out += [f"        return {', '.join(outs)}", "", "    @staticmethod",
-            f"    def backward(ctx, {', '.join(f'g{k}' for k in range(n_out))}):"]
-    if grads:
-        out.append(f"        {', '.join(f'x{i}' for i in tensors)}, = ctx.saved_tensors")
-        scalars = [f"s{i}" for i, o in enumerate(ops) if o.scalar]
+        out += [f"        return {', '.join(outs)}", "", "    @staticmethod",
+                f"    def backward(ctx, {', '.join(f'g{k}' for k in range(n_out))}):",
+                f"        {', '.join(f'x{i}' for i in tensors)}, = ctx.saved_tensors"]
         if scalars:
             out.append(f"        {', '.join(scalars)}, = ctx.scalars")
         out += views("        ")
@@ -480,11 +483,12 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
         gi = {i: k for k, i in enumerate(grads)}
         rets = [f"dxs[{gi[i]}].sum_to_size(x{i}.shape).to(x{i}.dtype)" if i in gi else "None"
                 for i in range(len(ops))]
-        out.append(f"        return {', '.join(rets)}")
-    else:
-        out.append(f"        return {', '.join('None' for _ in ops)}")
-    out += ["", "",
-            f"def {name}({sig}):",
-            f'    """{_describe(node)}."""',
-            f"    return {name}_fn.apply({sig})"]
+        out += [f"        return {', '.join(rets)}", "", ""]
+    out += [f"def {name}({sig}):",
+            f'    """{_describe(node)}."""']
+    if grads:
+        need = " or ".join(f"x{i}.requires_grad" for i in grads)
+        out += [f"    if torch.is_grad_enabled() and ({need}):",
+                f"        return {name}_fn.apply({sig})"]
+    out.append(f"    return {name}_run({sig})")
     return "\n".join(out) + "\n"

@@ -21,11 +21,31 @@ def rows_cols(shape) -> tuple[int, int]:
     return rows, int(shape[-1])
 
 
+def broadcast_shape(*shapes):
+    """The iteration shape of a fused kernel's operands (the common case, equal shapes, first)."""
+    first = shapes[0]
+    if all(s == first for s in shapes[1:]):
+        return first
+    rank = max(len(s) for s in shapes)
+    out = [1] * rank
+    for s in shapes:
+        for i, d in enumerate(s, rank - len(s)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[i] = d
+    return torch.Size(out)
+
+
 def rows_view(t, shape):
     """(tensor, row stride, column stride, dense) addressing `t` broadcast to `shape` as rows x cols."""
     if not torch.is_tensor(t) or t.dim() == 0:
         t = torch.as_tensor(t)
         return t.reshape(1), 0, 0, False
+    if t.shape == shape and t.is_contiguous():                       # full size, dense
+        return t, shape[-1], 1, True
+    if t.dim() == 1 and t.shape[0] == shape[-1] and t.stride(0) == 1 and len(shape) > 1:   # a [C] weight
+        return t, 0, 1, False
     e = t.expand(shape)
     if len(shape) == 0:
         return e.reshape(1), 0, 0, False
