@@ -120,7 +120,8 @@ def _block_all(name: str, pruned: bool, window: bool) -> str:
 {_mask("n[None, :]", window)}
 {vload}
 {online}''')
-    parts.append(f'''    for n0 in range(N_OLD, Tk, BLOCK_N):
+    parts.append(f'''    kend = tl.minimum(tl.max(qp, axis=0) + 1, Tk).to(tl.int32)     # causal: no key after the last query
+    for n0 in range(N_OLD, kend, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kv = n < Tk
         valid = kv[None, :]
