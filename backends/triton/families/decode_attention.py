@@ -65,7 +65,8 @@ def spec(node: Node, graph: Graph) -> tuple:
 
 _ROWS = '''
     b = tl.program_id(2).to(tl.int64)
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sp = tl.program_id(0) % SPLITS                   # this program's share of the keys (split-K)
+    r = (tl.program_id(0) // SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = r // HG
     hi = H0 + tl.program_id(1) * HG + r % HG
     hk = (H0 + tl.program_id(1) * HG) // G
@@ -109,10 +110,14 @@ def _block_all(name: str, pruned: bool, window: bool) -> str:
              "                     mask=kv[:, None] & (e < DV)[None, :], other=0.0)")
     online = render(_ONLINE, PV=pv)
     parts = []
+    parts.append('''    kend = tl.minimum(tl.max(qp, axis=0) + 1, Tk).to(tl.int32)     # causal: no key after the last query
+    chunk = tl.cdiv(tl.cdiv(kend, SPLITS), BLOCK_N) * BLOCK_N
+    klo = sp * chunk
+    khi = tl.minimum(klo + chunk, kend)''')
     if pruned:
-        parts.append(f'''    for n0 in range(0, N_OLD, BLOCK_N):
+        parts.append(f'''    for n0 in range(klo, tl.minimum(khi, N_OLD), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        kv = n < N_OLD
+        kv = (n < N_OLD) & (n < khi)
         valid = kv[None, :]
         ko = tl.load(ko_ptr + ((b * N_OLD + n[:, None]) * HK + hk) * KEPT + c[None, :],
                      mask=kv[:, None] & (c < KEPT)[None, :], other=0.0)
@@ -120,10 +125,9 @@ def _block_all(name: str, pruned: bool, window: bool) -> str:
 {_mask("n[None, :]", window)}
 {vload}
 {online}''')
-    parts.append(f'''    kend = tl.minimum(tl.max(qp, axis=0) + 1, Tk).to(tl.int32)     # causal: no key after the last query
-    for n0 in range(N_OLD, kend, BLOCK_N):
+    parts.append(f'''    for n0 in range(tl.maximum(klo, N_OLD), khi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        kv = n < Tk
+        kv = n < khi
         valid = kv[None, :]
         kn = tl.load(kn_ptr + ((b * (Tk - N_OLD) + n[:, None] - N_OLD) * HK + hk) * D + d[None, :],
                      mask=kv[:, None] & (d < D)[None, :], other=0.0)
@@ -158,9 +162,10 @@ def _block_selected(name: str, pruned: bool, window: bool) -> str:
 {render(_ONLINE, PV=pv)}'''
 
 
-_SIG = ("q_ptr, ko_ptr, kept_ptr, kn_ptr, v_ptr, qpos_ptr, idx_ptr, o_ptr, lse_ptr, Tq, Tk, N_OLD, H, HK, G, HG, H0, "
-        "D, DV, KEPT, TOP, window, scale,\n        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
-        "BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_KEPT: tl.constexpr, USE_DOT: tl.constexpr")
+_SIG = ("q_ptr, ko_ptr, kept_ptr, kn_ptr, v_ptr, qpos_ptr, idx_ptr, o_ptr, lse_ptr, pm_ptr, pl_ptr, pa_ptr, Tq, Tk, "
+        "N_OLD, H, HK, G, HG, H0,\n        D, DV, KEPT, TOP, SPLITS, window, scale, BLOCK_M: tl.constexpr, "
+        "BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,\n        BLOCK_KEPT: tl.constexpr, "
+        "USE_DOT: tl.constexpr, SPLIT: tl.constexpr")
 
 _HELPERS = '''
 @triton.jit
@@ -193,9 +198,41 @@ def _@NAME@_@KIND@(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
 @LOOP@
-    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-    tl.store(o_ptr + q_row * DV + e[None, :], out, mask=mask_m[:, None] & (e < DV)[None, :])
-@LSE@
+@EPILOGUE@
+'''
+
+_FINAL = '''    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    tl.store(o_ptr + q_row * DV + e[None, :], out, mask=mask_m[:, None] & (e < DV)[None, :])'''
+
+_SPLIT_FINAL = '''    if SPLIT:                                        # partial softmax state, merged by _combine
+        prow = ((sp * tl.num_programs(2) + b) * Tq + qi[:, None]) * H + hi[:, None]
+        tl.store(pm_ptr + prow, m_i[:, None], mask=mask_m[:, None])
+        tl.store(pl_ptr + prow, l_i[:, None], mask=mask_m[:, None])
+        tl.store(pa_ptr + prow * DV + e[None, :], acc, mask=mask_m[:, None] & (e < DV)[None, :])
+    else:
+@FINAL@'''
+
+_COMBINE = '''
+@triton.jit
+def _@NAME@_combine(pm_ptr, pl_ptr, pa_ptr, o_ptr, lse_ptr, NROW, H, H0, SPLITS, DV, BLOCK_S: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Merge the split-K partial (max, sum, accumulator) of one (sample, query, head) row."""
+    row = tl.program_id(0).to(tl.int64)
+    h = H0 + tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    ms = s < SPLITS
+    idx = (s * NROW + row) * H + h
+    m = tl.load(pm_ptr + idx, mask=ms, other=-1.0e30)
+    l = tl.load(pl_ptr + idx, mask=ms, other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(ms, tl.exp(m - top), 0.0)
+    total = tl.sum(w * l, axis=0)
+    e = tl.arange(0, BLOCK_DV)
+    a = tl.load(pa_ptr + idx[:, None] * DV + e[None, :], mask=ms[:, None] & (e < DV)[None, :], other=0.0)
+    out = tl.sum(w[:, None] * a, axis=0) / tl.maximum(total, 1e-30)
+    tl.store(o_ptr + (row * H + h) * DV + e, tl.where(total > 0, out, 0.0), mask=e < DV)
+    if WRITE_LSE:
+        tl.store(lse_ptr + row * H + h, top + tl.log(tl.maximum(total, 1e-30)))
 '''
 
 _PROBS = '''
@@ -242,22 +279,34 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
                    window, rows_per_head=True):
     B, Tq, H, D = q.shape
     Tk, HK, DV = v.shape[1], v.shape[2], v.shape[3]
-    # tl.dot needs 16-wide reduction tiles, and a kernel with pruned keys compiles its old-key loop
-    # (K = BLOCK_KEPT) even while the cache holds no old keys yet: decide by the tile, not by n_old
-    use_dot = min(D, DV) >= 16 and (kept_n == 0 or triton.next_power_of_2(kept_n) >= 16)
+    use_dot = min(D, DV) >= 16                 # tl.dot needs 16-wide tiles (BLOCK_KEPT is at least 16)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
 
     def run(meta):
         dot = use_dot and top == 0 and meta["BLOCK_M"] >= 16 and meta["BLOCK_N"] >= 16
         if not dot:      # broadcast products are [BLOCK_M, BLOCK_N, D]: no more rows than there are
             meta = dict(meta, BLOCK_M=min(meta["BLOCK_M"], triton.next_power_of_2(Tq * hg)))
         if rows_per_head:
-            grid = (triton.cdiv(Tq * hg, meta["BLOCK_M"]), heads // hg, B)
+            blocks = triton.cdiv(Tq * hg, meta["BLOCK_M"])
+            # split-K: enough programs to fill the GPU when few rows read a long cache (decode)
+            splits = 1 if top else max(1, min(triton.cdiv(Tk, meta["BLOCK_N"]),
+                                              triton.cdiv(2 * sms, blocks * (heads // hg) * B), 64))
+            grid = (blocks * splits, heads // hg, B)
         else:
+            splits = 1
             grid = (triton.cdiv(Tq, meta["BLOCK_M"]), triton.cdiv(Tk, meta["BLOCK_N"]), B)
-        kernel[grid](q, ko, kept, kn, v, qpos, idx, out, lse, Tq, Tk, n_old, H, HK, H // HK, hg, h0, D, DV,
-                     kept_n, top, window, 1.0 / D ** 0.5, BLOCK_D=triton.next_power_of_2(D),
-                     BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=triton.next_power_of_2(max(kept_n, 1)),
-                     USE_DOT=dot, **meta)
+        part = [out] * 3
+        if splits > 1:
+            part = [torch.empty(splits, B, Tq, H, dtype=torch.float32, device=q.device) for _ in range(2)]
+            part.append(torch.empty(splits, B, Tq, H, DV, dtype=torch.float32, device=q.device))
+        kernel[grid](q, ko, kept, kn, v, qpos, idx, out, lse, *part, Tq, Tk, n_old, H, HK, H // HK, hg, h0, D, DV,
+                     kept_n, top, splits, window, 1.0 / D ** 0.5, BLOCK_D=triton.next_power_of_2(D),
+                     BLOCK_DV=triton.next_power_of_2(DV), BLOCK_KEPT=max(16, triton.next_power_of_2(kept_n)),
+                     USE_DOT=dot, SPLIT=splits > 1, **meta)
+        if splits > 1:
+            _@NAME@_combine[(B * Tq, heads)](*part, out, lse, B * Tq, H, h0, splits, DV,
+                                             BLOCK_S=triton.next_power_of_2(splits),
+                                             BLOCK_DV=triton.next_power_of_2(DV), WRITE_LSE=lse is not out)
     run(_@NAME@_config(tag, (B, Tq * hg, heads, Tk), config, run))
 
 
@@ -287,10 +336,10 @@ _KEYS_PRUNED = '''    if "kept" in e:                                   # ThinK:
         n_old, kept_n = ko.shape[1], ko.shape[3]
     else:
         kn = e["k"].float().contiguous()
-        ko, kept, n_old, kept_n = kn, qpos, 0, 1'''
+        ko, kept, n_old, kept_n = kn, qpos, 0, 0'''
 
 _KEYS_DENSE = '''    kn = e["k"].float().contiguous()
-    ko, kept, n_old, kept_n = kn, qpos, 0, 1'''
+    ko, kept, n_old, kept_n = kn, qpos, 0, 0'''
 
 _TOPK = '''    top = cache.policy(site, "topk_decode")
     if top is not None and cache.prefilled:
@@ -308,23 +357,33 @@ _TOPK = '''    top = cache.policy(site, "topk_decode")
             return out'''
 
 
+def _split_epilogue(final: str) -> str:
+    """Partials when the keys are split across programs, else `final` (the normalised output)."""
+    return render(_SPLIT_FINAL, FINAL="\n".join("    " + line for line in final.splitlines())).rstrip("\n")
+
+
 def generate(node: Node, graph: Graph) -> KernelSource:
     pruned, topk, window, share = sp = spec(node, graph)
     name = kernel_name(FAMILY, sp)
     kept = _KEPT.strip("\n") if pruned else ""
     rows = _ROWS.strip("\n")
-    kernels = [render(_HELPERS, NAME=name), render(_ATTEND, NAME=name, KIND="attend", SIG=_SIG, ROWS=rows, KEPT=kept,
-                      LOOP=_block_all(name, pruned, window), LSE="")]
+    split_rows = rows
+    plain_rows = rows.replace("    sp = tl.program_id(0) % SPLITS                   # this program's share of the keys (split-K)\n", "")
+    plain_rows = plain_rows.replace("(tl.program_id(0) // SPLITS)", "tl.program_id(0)")
+    final = _FINAL
+    kernels = [render(_HELPERS, NAME=name), render(_COMBINE, NAME=name),
+               render(_ATTEND, NAME=name, KIND="attend", SIG=_SIG, ROWS=split_rows, KEPT=kept,
+                      LOOP=_block_all(name, pruned, window), EPILOGUE=_split_epilogue(final))]
     if topk:
         lse = "    tl.store(lse_ptr + q_row, m_i[:, None] + tl.log(tl.maximum(l_i, 1e-30))[:, None], mask=mask_m[:, None])"
-        kernels.append(render(_ATTEND, NAME=name, KIND="attend_lse", SIG=_SIG, ROWS=rows, KEPT=kept,
-                              LOOP=_block_all(name, pruned, window), LSE=lse))
+        kernels.append(render(_ATTEND, NAME=name, KIND="attend_lse", SIG=_SIG, ROWS=split_rows, KEPT=kept,
+                              LOOP=_block_all(name, pruned, window), EPILOGUE=_split_epilogue(final + "\n" + lse)))
         allowed = "    allowed = mask_m[:, None] & valid & (n[None, :] <= qp[:, None])"
         if window:
             allowed += " & (qp[:, None] - n[None, :] < window)"
         kernels.append(render(_PROBS, NAME=name, SIG=_SIG, ALLOWED=allowed, OLD_SCORES=_OLD_PROBS.replace("@NAME@", name) if pruned else ""))
-        kernels.append(render(_ATTEND, NAME=name, KIND="attend_selected", SIG=_SIG, ROWS=rows, KEPT=kept,
-                              LOOP=_block_selected(name, pruned, window), LSE=""))
+        kernels.append(render(_ATTEND, NAME=name, KIND="attend_selected", SIG=_SIG, ROWS=plain_rows, KEPT=kept,
+                              LOOP=_block_selected(name, pruned, window), EPILOGUE=final))
     doc = ", ".join([w for w, on in (("ThinK-pruned keys", pruned), ("top-k sparse heads", topk),
                                      ("window", window), (f"{share}-shared K/V", bool(share))) if on]) or "dense"
     launcher = render(_LAUNCHER, NAME=name, DOC=doc, TUNING=tuning_source(name, CONFIGS, DEFAULT),
