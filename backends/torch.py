@@ -927,7 +927,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
         out += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
     for text in prelude:
         out += ["", "", text.rstrip()]
-    out += [""] + _HELPERS.rstrip().splitlines()
+    out += ["", ""] + _HELPERS.strip().splitlines()    # two blank lines after the imports or the last function
     for cls in classes:
         out += ["", ""] + cls
     text = "\n".join(out) + "\n"

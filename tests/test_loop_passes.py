@@ -2,6 +2,8 @@
 gradients, decode), the unroll/fold cost rule, hoisting's limits, recur-blocks. (The generated
 module at -O2 is checked against the interpreter for every stdlib model in test_triton_fusion.py.)"""
 import shlex
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -79,6 +81,18 @@ def test_golden(path, update_golden):
             _same_outputs(g, h)
             _same_outputs(g, h, seed=7)
             assert print_graph(run_pipeline(h, LOOP_O2)) == print_graph(run_pipeline(g, LOOP_O2))
+
+
+def test_generated_modules_pass_ruff(tmp_path):
+    """Folded, unrolled and hoisted modules (and small ones with no runtime functions) are ruff-clean."""
+    pytest.importorskip("ruff")
+    for path in CASES:
+        recur = 2 if "recur" in path.stem else None
+        (tmp_path / f"{path.stem}.py").write_text(
+            api.compile(path, optimize=lambda g: run_pipeline(g, O2), recur_blocks=recur).source)
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "--quiet", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
 
 
 def test_fold_three_is_one_loop_of_three_trips():
