@@ -259,7 +259,7 @@ def _param(em, n, ins):
 
 _UNARY = {Op.EXP: "torch.exp({})", Op.LOG: "torch.log({})", Op.SQRT: "torch.sqrt({})", Op.RSQRT: "torch.rsqrt({})",
           Op.ABS: "torch.abs({})", Op.TANH: "torch.tanh({})", Op.SIGMOID: "torch.sigmoid({})", Op.RELU: "torch.relu({})",
-          Op.GELU: "F.gelu({})", Op.SILU: "F.silu({})", Op.SOFTPLUS: "F.softplus({})", Op.NEG: "-{}", Op.NOT: "~{}",
+          Op.GELU: "F.gelu({})", Op.SILU: "F.silu({})", Op.SOFTPLUS: "F.softplus({})", Op.SIN: "torch.sin({})", Op.COS: "torch.cos({})", Op.NEG: "-{}", Op.NOT: "~{}",
           Op.DETACH: "{}.detach()"}
 for _o, _f in _UNARY.items():
     EMIT[_o] = (lambda f: lambda em, n, ins: f.format(ins[0]))(_f)

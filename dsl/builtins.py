@@ -154,10 +154,11 @@ def _attr(v):
 
 # -- handlers -------------------------------------------------------------------------------------
 
-_STATIC_UNARY = {"sqrt": sympy.sqrt, "exp": sympy.exp, "log": sympy.log, "abs": sympy.Abs}
+_STATIC_UNARY = {"sqrt": sympy.sqrt, "exp": sympy.exp, "log": sympy.log, "abs": sympy.Abs, "sin": sympy.sin,
+                 "cos": sympy.cos}
 _UNARY = {"exp": Op.EXP, "log": Op.LOG, "sqrt": Op.SQRT, "rsqrt": Op.RSQRT, "tanh": Op.TANH,
           "sigmoid": Op.SIGMOID, "relu": Op.RELU, "gelu": Op.GELU, "silu": Op.SILU, "softplus": Op.SOFTPLUS,
-          "abs": Op.ABS, "detach": Op.DETACH}
+          "sin": Op.SIN, "cos": Op.COS, "abs": Op.ABS, "detach": Op.DETACH}
 
 
 def _unary(name):

@@ -121,7 +121,7 @@ FlopRule = Callable[[Node, list[TensorType], list[TensorType]], sympy.Expr]
 
 PER_ELEMENT: dict[Op, int] = {
     # one arithmetic op per output element; transcendental functions count as one
-    **{o: 1 for o in (Op.NEG, Op.ABS, Op.NOT, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.RELU)},
+    **{o: 1 for o in (Op.NEG, Op.ABS, Op.NOT, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.RELU, Op.SIN, Op.COS)},
     **{o: 1 for o, d in OPS.items() if d.group in (Group.BINARY, Group.COMPARE)},
     # composite activations: sigmoid = 1/(1+exp(-x)), silu = x*sigmoid(x), gelu (tanh form)
     Op.SIGMOID: 4, Op.SOFTPLUS: 3, Op.SILU: 5, Op.GELU: 8,

@@ -266,7 +266,7 @@ def _param(it, n, ins, vals):
 
 _UNARY = {Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt,
           Op.ABS: torch.abs, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.RELU: F.relu, Op.GELU: F.gelu,
-          Op.SILU: F.silu, Op.SOFTPLUS: F.softplus, Op.NOT: torch.logical_not, Op.DETACH: torch.Tensor.detach}
+          Op.SILU: F.silu, Op.SOFTPLUS: F.softplus, Op.SIN: torch.sin, Op.COS: torch.cos, Op.NOT: torch.logical_not, Op.DETACH: torch.Tensor.detach}
 for _op, _fn in _UNARY.items():
     IMPL[_op] = (lambda f: lambda it, n, ins, vals: [f(ins[0])])(_fn)
 

@@ -28,7 +28,7 @@ class Op(Enum):
     # -- elementwise unary -----------------------------------------------------------------
     NEG = "neg"; EXP = "exp"; LOG = "log"; SQRT = "sqrt"; RSQRT = "rsqrt"; ABS = "abs"
     TANH = "tanh"; SIGMOID = "sigmoid"; RELU = "relu"; GELU = "gelu"; SILU = "silu"
-    SOFTPLUS = "softplus"; NOT = "not"; DETACH = "detach"; CAST = "cast"
+    SOFTPLUS = "softplus"; SIN = "sin"; COS = "cos"; NOT = "not"; DETACH = "detach"; CAST = "cast"
     # -- elementwise binary / ternary --------------------------------------------------------
     ADD = "add"; SUB = "sub"; MUL = "mul"; DIV = "div"; POW = "pow"
     MAXIMUM = "maximum"; MINIMUM = "minimum"
@@ -425,7 +425,8 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
       "a parameter by name; `index` (an expression, e.g. <Mod(r, 2)>) picks one copy of a stacked bank",
       example="%w = param() {index=<Mod(r, 2)>, ref=\"core.attn.q.weight\"} : f32[d, d]", required=("ref",)),
     *[D(o, Group.UNARY, (1, 1), (), _float_like, f"elementwise {o.value}") for o in
-      (Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.RELU, Op.GELU, Op.SILU, Op.SOFTPLUS)],
+      (Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.RELU, Op.GELU, Op.SILU, Op.SOFTPLUS,
+       Op.SIN, Op.COS)],
     D(Op.NEG, Group.UNARY, (1, 1), (), _same, "elementwise negation"),
     D(Op.ABS, Group.UNARY, (1, 1), (), _same, "elementwise absolute value"),
     D(Op.NOT, Group.UNARY, (1, 1), (), _not, "logical not"),

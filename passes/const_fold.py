@@ -34,6 +34,7 @@ F32_FNS: dict[Op, Callable[..., sympy.Expr]] = {
     Op.EXP: sympy.exp, Op.LOG: sympy.log, Op.SQRT: sympy.sqrt, Op.RSQRT: lambda x: 1 / sympy.sqrt(x),
     Op.TANH: sympy.tanh, Op.SIGMOID: _sigmoid, Op.RELU: lambda x: sympy.Max(0, x),
     Op.SILU: lambda x: x * _sigmoid(x), Op.SOFTPLUS: lambda x: sympy.log(1 + sympy.exp(x)), Op.GELU: _gelu,
+    Op.SIN: sympy.sin, Op.COS: sympy.cos,
     Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul, Op.DIV: operator.truediv,
     Op.POW: operator.pow, Op.MAXIMUM: sympy.Max, Op.MINIMUM: sympy.Min,
 }

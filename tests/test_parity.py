@@ -118,3 +118,43 @@ def test_titans_memory_matches_titans_pytorch():
     for i in (0, 1):
         torch.testing.assert_close(p[f"lmm.mem.w{i}"].grad, refp[f"memory_model_parameters.{i}"].grad[0].T,
                                    atol=1e-5, rtol=1e-3)
+
+
+# -- HCAM: lucidrains' HTM-pytorch ---------------------------------------------------------------------
+
+
+def _hcam_params(ref):
+    a = ref.attn
+    kv = a.attn.to_kv.weight
+    p = {"norm.weight": ref.norm.weight, "norm.bias": ref.norm.bias,
+         "attn.summary_query.weight": a.to_summary_queries.weight, "attn.summary_query.bias": a.to_summary_queries.bias,
+         "attn.summary_key.weight": a.to_summary_keys.weight, "attn.summary_key.bias": a.to_summary_keys.bias,
+         "attn.q.weight": a.attn.to_q.weight, "attn.k.weight": kv[:64], "attn.v.weight": kv[64:],
+         "attn.o.weight": a.attn.to_out.weight, "attn.o.bias": a.attn.to_out.bias}
+    return {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+
+
+def test_hcam_matches_htm_pytorch():
+    """HTMBlock(dim 64, 4 heads, chunk 8, top-2): outputs and every parameter gradient."""
+    htm = pytest.importorskip("htm_pytorch")
+    torch.manual_seed(0)
+    ref = htm.HTMBlock(dim=64, heads=4, dim_head=16, topk_mems=2, mem_chunk_size=8)
+    with torch.no_grad():
+        for w in ref.parameters():
+            w.normal_(0, 0.2)                      # biases and norm affine away from their trivial init
+    (g,) = stdlib.graphs("hcam")
+    p = _hcam_params(ref)
+    assert set(p) == {q.name for q in g.params}
+    queries, memories = torch.randn(2, 5, 64), torch.randn(2, 64, 64)
+    out = run(g, p, {"queries": queries, "memories": memories})["out"]
+    expected = ref(queries, memories)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    a = ref.attn                                    # the reference's gradients, in archc's names
+    ref_grads = {"norm.weight": ref.norm.weight.grad, "attn.summary_query.weight": a.to_summary_queries.weight.grad,
+                 "attn.summary_key.bias": a.to_summary_keys.bias.grad, "attn.q.weight": a.attn.to_q.weight.grad,
+                 "attn.k.weight": a.attn.to_kv.weight.grad[:64], "attn.v.weight": a.attn.to_kv.weight.grad[64:],
+                 "attn.o.bias": a.attn.to_out.bias.grad}
+    for k, gr in ref_grads.items():
+        torch.testing.assert_close(p[k].grad, gr, atol=1e-4, rtol=1e-3, msg=lambda s: f"{k}: {s}")

@@ -109,7 +109,7 @@ def _every_op_graph() -> str:
         lines.append(f"  %{name} = {op}({', '.join('%' + a for a in args)}){attrs} : {typ}")
         outs.append(name)
 
-    for op in ("neg", "exp", "abs", "tanh", "sigmoid", "relu", "gelu", "silu", "softplus"):
+    for op in ("neg", "exp", "abs", "tanh", "sigmoid", "relu", "gelu", "silu", "softplus", "sin", "cos"):
         node(f"u_{op}", op, ["x"])
     for op in ("log", "sqrt", "rsqrt"):
         node(f"u_{op}", op, ["p"])

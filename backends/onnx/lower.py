@@ -185,7 +185,7 @@ def _scope_of(sc: Scope, value: str) -> Scope:
 # -- elementwise --------------------------------------------------------------------------------------
 
 _UNARY = {Op.NEG: "Neg", Op.EXP: "Exp", Op.LOG: "Log", Op.SQRT: "Sqrt", Op.ABS: "Abs", Op.TANH: "Tanh",
-          Op.SIGMOID: "Sigmoid", Op.RELU: "Relu", Op.NOT: "Not", Op.DETACH: "Identity"}
+          Op.SIN: "Sin", Op.COS: "Cos", Op.SIGMOID: "Sigmoid", Op.RELU: "Relu", Op.NOT: "Not", Op.DETACH: "Identity"}
 
 
 @rule(*_UNARY)

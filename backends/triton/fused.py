@@ -74,6 +74,7 @@ _FWD: dict[Op, Callable[..., str]] = {
     Op.GELU: lambda x: f"0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476))",
     Op.SILU: lambda x: f"{x} * tl.sigmoid({x})",
     Op.SOFTPLUS: lambda x: f"tl.where({x} > 20.0, {x}, tl.log(1.0 + tl.exp(tl.minimum({x}, 20.0))))",
+    Op.SIN: lambda x: f"tl.sin({x})", Op.COS: lambda x: f"tl.cos({x})",
     Op.NOT: lambda x: f"{x} == 0", Op.DETACH: lambda x: x,
     Op.ADD: lambda a, b: f"{a} + {b}", Op.SUB: lambda a, b: f"{a} - {b}", Op.MUL: lambda a, b: f"{a} * {b}",
     Op.DIV: lambda a, b: f"{a} / {b}", Op.MAXIMUM: lambda a, b: f"tl.maximum({a}, {b})",
@@ -99,6 +100,7 @@ def _adj_unary(op: Op, g: str, x: str, y: str) -> str | None:
                   f" + {x} * 0.3989422804014327 * tl.exp(-0.5 * {x} * {x}))"),
         Op.SILU: f"{g} * tl.sigmoid({x}) * (1.0 + {x} * (1.0 - tl.sigmoid({x})))",
         Op.SOFTPLUS: f"tl.where({x} > 20.0, {g}, {g} * tl.sigmoid({x}))",
+        Op.SIN: f"{g} * tl.cos({x})", Op.COS: f"-{g} * tl.sin({x})",
         Op.CAST: g,
     }.get(op)
 
