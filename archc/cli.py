@@ -81,6 +81,7 @@ def _pass_options(default: str):
                      help="Re-express each stack of L distinct layers as K blocks applied recurrently (changes the model)."),
         click.option("--recur-order", "recur_order", type=click.Choice(["sequence", "cycle"]), default="sequence",
                      show_default=True, help="With --recur-blocks: layer i uses block floor(i*K/L) or i mod K."),
+        click.option("--remarks", is_flag=True, help="Print what each pass decided and why (KV sharing, depth schedules)."),
     ]
 
     def deco(fn):
@@ -91,7 +92,7 @@ def _pass_options(default: str):
 
 
 def _optimizer(out, opt_level, pass_list, disabled, print_after_all, print_after, time_passes, verify_each,
-               recur_blocks=None, recur_order="sequence"):
+               remarks=False, recur_blocks=None, recur_order="sequence"):
     """The Graph -> Graph pipeline the pass options ask for; pass names are checked before anything runs."""
     from archc.passes import get_pass, parse_entry, preset, run_pipeline, split_entries
     if pass_list is not None:
@@ -108,7 +109,8 @@ def _optimizer(out, opt_level, pass_list, disabled, print_after_all, print_after
     def optimize(g):
         try:
             return run_pipeline(g, names, verify=verify_each, print_after=print_after,
-                                print_after_all=print_after_all, time_passes=time_passes, out=out)
+                                print_after_all=print_after_all, time_passes=time_passes, remarks=remarks,
+                                out=out)
         except ArchError as err:       # a pass's diagnostic points into the .arch file: show that line
             if err.source is None and err.span is not None and Path(err.span.file).is_file():
                 err.with_source(Path(err.span.file).read_text(errors="replace"))
@@ -253,12 +255,14 @@ def _compile_onnx(file, output, arch, weights, seed, bindings, static, optimize)
 @click.argument("file")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Bind a symbol (T=4096, B=1, n_r=3).")
 @click.option("--arch", help="Only this architecture of the file.")
+@_pass_options("O0")
 @_diagnostics
-def cost(file, sets, arch):
-    """Print parameters, FLOPs, activation and KV-cache bytes as formulas and values."""
+def cost(file, sets, arch, **pass_opts):
+    """Print parameters, FLOPs, activation and KV-cache bytes as formulas and values (of the IR after the passes asked for)."""
     from archc.ir.cost import cost as cost_of
     bindings = _bindings(sets)
-    for g in _select(_graphs(file), arch):
+    optimize = _optimizer(sys.stdout, **pass_opts)
+    for g in [optimize(g) for g in _select(_graphs(file), arch)]:
         known = {s.name for s in g.symbols}
         unknown = sorted(set(bindings) - known)
         if unknown:

@@ -22,6 +22,7 @@ import torch.nn as nn
 from archc.backends import torch_runtime
 from archc.backends.pyexpr import py_expr
 from archc.errors import ArchError
+from archc.ir.analysis import selects_every_token
 from archc.ir.core import Graph, Node, Param, Region, Value
 from archc.ir.ops import Op, attend_operands
 from archc.ir.shapes import DType
@@ -100,7 +101,9 @@ class _Emitter:
         self.span = None                     # of the node being emitted (for diagnostics)
         self.inline: dict[str, str] = {}     # const/param value name -> literal or attribute chain
         self.consts: set[str] = set()        # inlined consts (Python scalars)
-        self.uses_kv = any(n.op is Op.ATTEND and n.attr("kv_share") for n in g.walk())
+        self.uses_kv = any((n.op is Op.ATTEND and n.attr("kv_share")) or n.op is Op.KV_READ for n in g.walk())
+        self.defs = {o.name: n for n in g.walk() for o in n.outputs}   # SSA: value -> defining node
+        self.kv_owner: dict[tuple[str, str], str] = {}   # cached step: (k, v) -> the cache key that stores them
         self.read: set[str] = set(g.body.results)      # every value some node or region reads
         for n in g.walk():
             self.read.update(n.inputs)
@@ -389,13 +392,12 @@ def _attend(em, n, ins):
 
 def _attend_node(em: _Emitter, n: Node, indent: int):
     """Attention that reads or publishes shared K/V goes through the `kv` store of this forward."""
-    if not em.uses_kv or not n.attr("site"):
+    read = em.defs.get(n.inputs[1])
+    if not em.uses_kv or not n.attr("site") or (read is not None and read.op is Op.KV_READ):
         em.out(f"{em.v(n.out.name)} = {_attend(em, n, [em.v(i) for i in n.inputs])}", indent)
         return
     ins = [em.v(i) for i in n.inputs]
-    site = json.dumps(n.attr("site"))
-    if n.attr("copy") is not None:
-        site = f'f"{n.attr("site")}[{{{em.e(n.attr("copy"), True)}}}]"'
+    site = _store_key(em, n.attr("site"), n.attr("copy"))
     k, v = ins[1], ins[2]
     kpos = ins[-1] if n.attr("has_pos") else "None"
     kp_name = em.ns.claim(f"kpos:{n.out.name}", "kpos") if n.attr("has_pos") else None
@@ -409,6 +411,18 @@ def _attend_node(em: _Emitter, n: Node, indent: int):
     em.out(f"{em.v(n.out.name)} = {_attend(em, n, ins)}", indent)
 
 
+def _store_key(em: _Emitter, site: str, copy) -> str:
+    """The `kv` store's key for a site (and copy): what `attend` records and `kv_read` reads."""
+    if copy is None:
+        return json.dumps(site)
+    return f'f"{site}[{{{em.e(copy, True)}}}]"'
+
+
+def _kv_read(em: _Emitter, n: Node, indent: int):
+    outs = [em.v(o.name) for o in n.outputs] + ["_"] * (3 - len(n.outputs))
+    em.out(f"{', '.join(outs)} = kv[{_store_key(em, n.attr('site'), n.attr('copy'))}]", indent)
+
+
 # -- region ops --------------------------------------------------------------------------------------
 
 
@@ -418,7 +432,7 @@ def _loop(em: _Emitter, n: Node, indent: int):
     em.assign(args, [em.v(i) for i in n.inputs], indent)
     var = em.sym_names()[n.attr("var")]
     trips = em.e(n.attr("trips"), True)
-    if em.uses_kv:
+    if em.uses_kv and any(m.op is Op.ATTEND and m.attr("kv_share") == f"recursion:{n.attr('var')}" for m in r.walk()):
         em.out(f"{em.rt('kv_reset')}(kv, {json.dumps(n.attr('var'))})", indent)
     flag = None
     if n.attr("grad_last") is not None:
@@ -464,14 +478,38 @@ def _halt_loop(em: _Emitter, n: Node, indent: int):
     em.assign_results(list(n.outputs[:-1]), args, indent)
 
 
-def _route_topk(em: _Emitter, n: Node, indent: int):
-    r = n.regions[0]
+def _route_operands(em: _Emitter, n: Node) -> tuple[str, str, str, str]:
+    """x, score, among, weight of a route_topk (absent ones as "None")."""
     ins = [em.v(i) for i in n.inputs]
-    x, score = ins[0], ins[1]
     rest = ins[2:]
     among = rest.pop(0) if n.attr("has_among") else "None"
     weight = rest.pop(0) if n.attr("has_weight") else "None"
-    xs, pos = (em.v(a.name) for a in r.args)
+    return ins[0], ins[1], among, weight
+
+
+def _route_masked(em: _Emitter, n: Node, indent: int):
+    """schedule="mask": the body runs on every token (original positions); the selection blends."""
+    r = n.regions[0]
+    x, score, among, weight = _route_operands(em, n)
+    xs, pos, keep = (em.v(a.name) for a in r.args)
+    if selects_every_token(n):
+        em.out(f"{keep} = torch.ones_like({score}, dtype=torch.bool)  # capacity 1: every token", indent)
+    else:
+        k = _route_k(em, n, x, indent)
+        em.out(f"{keep} = {em.rt('route_keep')}({score}, {k}{'' if among == 'None' else ', ' + among})", indent)
+    if em.cached:       # the cached step's attention and rope read `positions` themselves
+        if any(r.args[1].name in m.inputs for m in r.walk() if m.op not in _CACHED_EMIT):
+            em.assign([pos], ["positions"], indent)
+    else:
+        em.out(f"{pos} = torch.arange({x}.shape[1], device=dev)[None].expand({x}.shape[0], -1)", indent)
+    em.assign([xs], [x], indent)
+    em.region(r, indent)
+    y = em.v(r.results[0])
+    em.out(f"{_route_results(em, n)} = {em.rt('route_blend')}({x}, {y}, {keep}, {weight}, {among})", indent)
+
+
+def _route_k(em: _Emitter, n: Node, x: str, indent: int) -> str:
+    """Emit `k = max(1, floor(capacity * T))`, the number of tokens a route_topk selects; returns `k`."""
     k = em.ns.claim(f"k:{n.out.name}", "k")
     capacity = sympy.sympify(n.attr("capacity"))
     cap = em.e(capacity)
@@ -479,12 +517,28 @@ def _route_topk(em: _Emitter, n: Node, indent: int):
         cap = f"({cap})"
     em.out(f"{k} = max(1, math.floor({cap} * {x}.shape[1] + 1e-9))", indent)
     em.uses_math = True
+    return k
+
+
+def _route_results(em: _Emitter, n: Node) -> str:
+    """`x_out, sel` (`_` for a selection nothing reads)."""
+    out, sel = n.outputs
+    return f"{em.v(out.name)}, {em.v(sel.name) if sel.name in em.read else '_'}"
+
+
+def _route_topk(em: _Emitter, n: Node, indent: int):
+    if n.attr("schedule") == "mask":
+        _route_masked(em, n, indent)
+        return
+    r = n.regions[0]
+    x, score, among, weight = _route_operands(em, n)
+    xs, pos = (em.v(a.name) for a in r.args)
+    k = _route_k(em, n, x, indent)
     em.out(f"{pos} = {em.rt('route_select')}({score}, {k}{'' if among == 'None' else ', ' + among})", indent)
     em.out(f"{xs} = {em.route_gather(n, x, pos)}", indent)
     em.region(r, indent)
     y = em.v(r.results[0])
-    out, sel = (em.v(o.name) for o in n.outputs)
-    em.out(f"{out}, {sel} = {em.route_scatter(n, [x, pos, xs, y, weight, among])}", indent)
+    em.out(f"{_route_results(em, n)} = {em.route_scatter(n, [x, pos, xs, y, weight, among])}", indent)
 
 
 def _route_mask(em: _Emitter, n: Node, indent: int):
@@ -566,18 +620,21 @@ def _cached_rope(em: _Emitter, n: Node, indent: int):
     em.out(f"{em.v(n.out.name)} = {em.rt('rope')}({ins[0]}, {float(n.attr('base'))!r}, positions)", indent)
 
 
-def _site_key(em: _Emitter, n: Node, skip_var: str | None = None) -> str:
+def _site_key(em: _Emitter, n: Node, skip_var: str | None = None, site: str | None = None, loops: bool = True) -> str:
     """An f-string naming this attention instance: site, copy and every enclosing loop step."""
-    site = n.attr("site") or n.out.name
-    if n.out.name not in em.instances:         # one site applied by several nodes (x = blk(blk(x))): one entry each
-        scope = (site, n.attr("copy"), tuple(ir for ir, _ in em.loops))
-        count = em.instance_count.get(scope, 0)
-        em.instance_count[scope] = count + 1
-        em.instances[n.out.name] = f"#{count}" if count else ""
-    text = site + em.instances[n.out.name]
+    if site is not None:                       # the entry another instance recorded (kv_read)
+        text = site
+    else:
+        site = n.attr("site") or n.out.name
+        if n.out.name not in em.instances:     # one site applied by several nodes (x = blk(blk(x))): one entry each
+            scope = (site, n.attr("copy"), tuple(ir for ir, _ in em.loops))
+            count = em.instance_count.get(scope, 0)
+            em.instance_count[scope] = count + 1
+            em.instances[n.out.name] = f"#{count}" if count else ""
+        text = site + em.instances[n.out.name]
     if n.attr("copy") is not None:
         text += f"[{{{em.e(n.attr('copy'), True)}}}]"
-    steps = [f"{ir}={{{py}}}" for ir, py in em.loops if ir != skip_var]
+    steps = [f"{ir}={{{py}}}" for ir, py in em.loops if ir != skip_var] if loops else []
     if steps:
         text += "@" + ",".join(steps)
     return 'f"' + text + '"' if "{" in text else json.dumps(text)
@@ -590,6 +647,15 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
     site = json.dumps(n.attr("site") or n.out.name)
     reads = "None"
     key = _site_key(em, n)
+    read = em.defs.get(n.inputs[1])
+    if read is not None and read.op is Op.KV_READ:
+        # the first recursion's (or the source layer's) entry: this site's key without that loop
+        key = _site_key(em, read, skip_var=read.attr("var"), site=read.attr("site"), loops=bool(read.attr("var")))
+        reads, k, v = key, "None", "None"
+    elif (n.inputs[1], n.inputs[2]) in em.kv_owner:
+        reads = em.kv_owner[(n.inputs[1], n.inputs[2])]          # the same K/V values: one entry
+    elif not share:
+        em.kv_owner[(n.inputs[1], n.inputs[2])] = key
     if share.startswith("recursion:"):
         var = share.split(":", 1)[1]
         py = dict(em.loops)[var]
@@ -601,10 +667,11 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
     em.out(f"{em.v(n.out.name)} = {em.cached_attend(n, [key, site, q, k, v, 'positions', window, reads])}", indent)
 
 
-_CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend}
+_CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend, Op.KV_READ: lambda em, n, indent: None}
 
 _REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
-                Op.SCAN: _scan, Op.FUSED: _fused, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node}
+                Op.SCAN: _scan, Op.FUSED: _fused, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node,
+                Op.KV_READ: _kv_read}
 
 
 # -- the module ----------------------------------------------------------------------------------------
@@ -921,6 +988,8 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
         out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
     if "KVCache" in runtime:
         runtime.add("topk_attention")
+    if "route_keep" in runtime:
+        runtime.add("route_select")
     if runtime & {"attention", "topk_attention"}:
         runtime.add("repeat_kv")
     for fn in sorted(runtime, key=_runtime_order):

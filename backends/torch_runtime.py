@@ -223,6 +223,23 @@ def route_scatter(x, idx, x_sel, y, weight=None, among=None):
     return out, sel
 
 
+def route_keep(score, k: int, among=None):
+    """The selection as a mask over every token (bool [B, T]): the k tokens `route_select` picks."""
+    if k >= score.shape[1]:
+        return torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    idx = route_select(score, k, among)
+    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter(1, idx, True)
+
+
+def route_blend(x, y, keep, weight=None, among=None):
+    """Masked routing's write-back: where selected (and a candidate), x + w * (y - x); returns (x, sel)."""
+    B, T = x.shape[:2]
+    tail = [1] * (x.dim() - 2)
+    sel = keep if among is None else keep & among
+    new = y if weight is None else x + weight.reshape(B, T, *tail) * (y - x)
+    return torch.where(sel.reshape(B, T, *tail), new, x), sel
+
+
 def kv_lookup(store: dict, share: str, site: str, k, v, kpos, training: bool, generator=None):
     """K/V for an attention site under a sharing policy; records the site's own K/V for later readers."""
     if share.startswith("recursion:"):

@@ -51,7 +51,12 @@ def weight_applications(g: Graph) -> dict[str, sympy.Expr]:
 _SEQ_MIXING_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.ARGMAX, Op.SOFTMAX, Op.CUMSUM, Op.TOPK_MASK,
                       Op.CONCAT, Op.SLICE, Op.SELECT, Op.GATHER}
 _NEVER = {Op.ARANGE, Op.LINEAR_SCAN, Op.LINEAR_ATTN, Op.CONV1D, Op.MEM_READ, Op.MEM_WRITE, Op.BANK_PUSH,
-          Op.BANK_VALID, Op.HALT_LOOP, Op.ROUTE_TOPK, Op.ROUTE_MASK, Op.SCAN}
+          Op.BANK_VALID, Op.HALT_LOOP, Op.ROUTE_MASK, Op.SCAN}
+
+
+def selects_every_token(n: Node) -> bool:
+    """A route_topk scheduled as a mask whose capacity is 1: it runs every token, position by position."""
+    return n.op is Op.ROUTE_TOPK and n.attr("schedule") == "mask" and as_expr(n.attr("capacity")) == 1
 
 
 def lm_token_input(g: Graph):
@@ -82,7 +87,7 @@ def kv_decode_blocker(g: Graph) -> str | None:
     def check(r: Region) -> str | None:
         for n in r.walk():
             what = f"`{n.op.value}`" + (f" at line {n.span.line}" if n.span else "")
-            if n.op in _NEVER:
+            if n.op in _NEVER or (n.op is Op.ROUTE_TOPK and not selects_every_token(n)):
                 return f"{what} mixes information along the sequence"
             for o in n.outputs:
                 ax = seq_axis(o.type)

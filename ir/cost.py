@@ -11,12 +11,15 @@ and the caching policies that scale the KV cache in `KV_POLICIES`. Counting conv
   length P); with a window w it is Tq*m - m**2/2 (causal) or Tq*m (not), m = Min(w, Tk);
 * loops sum their body over the loop symbol (`sympy.summation`, left as an unevaluated `Sum` when
   there is no closed form); `halt_loop` counts every trip (the worst case); `scan` runs its body
-  ceiling(T/size) times; `route_topk` runs its body at the compacted length its region types carry,
-  `route_mask` at full length (an upper bound); both add top-k/gating work per element;
+  ceiling(T/size) times; `route_topk` runs its body at the length its region types carry (the
+  compacted k, or every token under schedule="mask"), `route_mask` at full length (an upper
+  bound); both add top-k (none when a masked route selects every token) and gating work;
 * activation bytes count every node output except `param` views, with no reuse (an upper bound);
 * the KV cache holds f32 K and V of every `attend` for the whole sequence: once per loop trip, once
-  per loop if `kv_share="recursion"`, nothing if `kv_share="from:<site>"` (it reads another
-  site's cache), scaled by the graph's policies that target the node's `site`.
+  per loop if `kv_share="recursion"`, nothing if `kv_share="from:<site>"` or `"stochastic:..."`
+  (decoding reads another site's cache), nothing for K/V that come from `kv_read` or that an
+  earlier `attend` already read (one slot per distinct (k, v) pair), scaled by the graph's
+  policies that target the node's `site`.
 """
 from __future__ import annotations
 
@@ -312,8 +315,11 @@ def _merge(pairs) -> tuple[tuple[str, sympy.Expr], ...]:
 
 
 class _Ctx:
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, kv_sites: Callable[[str], bool] | None = None):
         self.policies = g.policies
+        self.kv_sites = kv_sites                       # count only these sites' K/V (None: all)
+        self.producers: dict[str, Node] = {}          # SSA: value name -> defining node
+        self.kv_seen: set[tuple[str, str]] = set()     # (k, v) pairs whose cache slot is already counted
 
 
 Types = ChainMap
@@ -331,8 +337,10 @@ def _region(r: Region, types: Types, ctx: _Ctx) -> _Tally:
 def _node(n: Node, types: Types, ctx: _Ctx) -> _Tally:
     ins = [types[i] for i in n.inputs]
     outs = [o.type for o in n.outputs]
-    # a fused region's results are counted where its body defines them
-    act = ZERO if n.op in (Op.PARAM, Op.FUSED) else sum((numel(t) * DTYPE_BYTES[t.dtype] for t in outs), ZERO)
+    ctx.producers.update({o.name: n for o in n.outputs})
+    # parameters and kv_read view stored tensors; a fused region's results are counted where its body
+    # defines them
+    act = ZERO if n.op in (Op.PARAM, Op.KV_READ, Op.FUSED) else sum((numel(t) * DTYPE_BYTES[t.dtype] for t in outs), ZERO)
     if n.op in REGIONS:
         return REGIONS[n.op](n, ins, outs, types, ctx) + _Tally(act=act)
     here = _Tally(FLOPS[n.op](n, ins, outs), act)
@@ -343,7 +351,14 @@ def _node(n: Node, types: Types, ctx: _Ctx) -> _Tally:
 
 def _attend_kv(n: Node, ins: list[TensorType], ctx: _Ctx) -> _Tally:
     share = n.attr("kv_share")
-    if isinstance(share, str) and share.startswith("from:"):
+    if isinstance(share, str) and share.startswith(("from:", "stochastic:")):
+        return _Tally()                       # decoding reads the source's slot
+    k, v = n.inputs[1], n.inputs[2]
+    source = ctx.producers.get(k)
+    if (source is not None and source.op is Op.KV_READ) or (k, v) in ctx.kv_seen:
+        return _Tally()                       # another attention's slot, counted where it was first used
+    ctx.kv_seen.add((k, v))
+    if ctx.kv_sites is not None and not ctx.kv_sites(n.attr("site") or ""):
         return _Tally()
     kf, vf = kv_factors(n.attr("site"), ctx.policies)
     kv = KV_BYTES * (kf * numel(ins[1]) + vf * numel(ins[2]))
@@ -357,7 +372,19 @@ def sum_over(e: sympy.Expr, var: sympy.Symbol | None, trips: sympy.Expr) -> symp
     if var is None or not e.has(var):
         return trips * e
     fixed, varying = sympy.expand(e).as_independent(var, as_Add=True)
-    return trips * fixed + sympy.summation(varying, (var, 0, trips - 1))
+    return trips * fixed + sum((_sum_term(t, var, trips) for t in sympy.Add.make_args(varying)), ZERO)
+
+
+_NO_CLOSED_FORM = (sympy.floor, sympy.ceiling, sympy.Max, sympy.Min)
+
+
+def _sum_term(t: sympy.Expr, var: sympy.Symbol, trips: sympy.Expr) -> sympy.Expr:
+    """One term's sum over var; floor/ceiling/Max/Min of var have no closed form, and sympy can spend
+    minutes proving that, so those stay an unevaluated Sum (constant factors pulled out) at once."""
+    if not any(f.has(var) for f in t.atoms(*_NO_CLOSED_FORM)):
+        return sympy.summation(t, (var, 0, trips - 1))
+    coeff, rest = t.as_independent(var, as_Add=False)
+    return coeff * sympy.Sum(rest, (var, 0, trips - 1))
 
 
 def _loop(n, ins, outs, types, ctx) -> _Tally:
@@ -379,6 +406,8 @@ def _route_topk(n, ins, outs, types, ctx) -> _Tally:
     """Body at the compacted length, plus top-k selection over the scores and gated scatter-back."""
     body = _region(n.regions[0], types, ctx)
     select = PER_INPUT_ELEMENT[Op.TOPK_MASK] * numel(ins[1])
+    if n.attr("schedule") == "mask" and as_expr(n.attr("capacity")) == 1:
+        select = ZERO                         # every token is selected: no top-k runs
     return body + _Tally(flops=select + _gated_scatter(outs))
 
 
@@ -421,8 +450,9 @@ def param_count(g: Graph) -> sympy.Expr:
     return sum((numel(p.type) for p in g.params), ZERO)
 
 
-def cost(g: Graph) -> Cost:
-    t = _region(g.body, ChainMap(), _Ctx(g))
+def cost(g: Graph, kv_sites: Callable[[str], bool] | None = None) -> Cost:
+    """The graph's cost; with `kv_sites`, kv_cache_bytes counts only the sites it accepts."""
+    t = _region(g.body, ChainMap(), _Ctx(g, kv_sites))
     defaults = tuple(sorted(g.symbol_defaults().items()))
     leftover = sum((e for _, e in t.kv_once), ZERO)
     return Cost(*(_with_assumptions(g, e) for e in (param_count(g), t.flops, t.act, t.kv + leftover)), defaults)
@@ -433,6 +463,11 @@ def _with_assumptions(g: Graph, e: sympy.Expr) -> sympy.Expr:
     ints = {sym(s.name): sympy.Symbol(s.name, integer=True, positive=True) for s in g.symbols if s.kind in ("int", "dim")}
     back = {v: k for k, v in ints.items()}
     return tidy(tidy(e.xreplace(ints)).xreplace(back))
+
+
+def node_flops(g: Graph, n: Node, types: dict[str, TensorType]) -> sympy.Expr:
+    """FLOPs of one node (a region op with everything inside it); `types` holds every value it reads."""
+    return _node(n, ChainMap(dict(types)), _Ctx(g)).flops
 
 
 def flops_per_token(g: Graph) -> sympy.Expr:

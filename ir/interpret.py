@@ -377,6 +377,17 @@ def _attend(it, n, ins, vals):
                          prefix=it.env.eval_int(n.attr("prefix", 0)), mask=mask, qpos=qpos, kpos=kpos)]
 
 
+@impl(Op.KV_READ)
+def _kv_read(it, n, ins, vals):
+    site = n.attr("site")
+    if n.attr("copy") is not None:
+        site = f"{site}[{it.env.eval_int(n.attr('copy'))}]"
+    if site not in it.kv_store:
+        raise ArchError(f"kv_read of `{site}`, which has not run before it", n.span)
+    k, v, kpos = it.kv_store[site]
+    return [k, v, kpos][:len(n.outputs)]
+
+
 IMPL[Op.LINEAR_SCAN] = lambda it, n, ins, vals: [rt.linear_scan(*ins, _axis(it, n))]
 IMPL[Op.LINEAR_ATTN] = lambda it, n, ins, vals: list(rt.linear_attn(*ins))
 @impl(Op.MEM_READ)
@@ -469,6 +480,11 @@ def _route_topk(it, n, ins, vals):
     among = rest.pop(0) if n.attr("has_among") else None
     weight = rest.pop(0) if n.attr("has_weight") else None
     k = max(1, math.floor(it.attr(n, "capacity") * x.shape[1] + 1e-9))
+    if n.attr("schedule") == "mask":          # every token runs the body; the selection blends
+        keep = rt.route_keep(score, k, among)
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        (y,) = it.run_region(n.regions[0], [x, pos, keep], vals)
+        return list(rt.route_blend(x, y, keep, weight, among))
     idx = rt.route_select(score, k, among)
     x_sel = rt.gather_along(x, idx, 1)
     (y,) = it.run_region(n.regions[0], [x_sel, idx], vals)

@@ -47,6 +47,7 @@ class Op(Enum):
     SPLIT_HEADS = "split_heads"; MERGE_HEADS = "merge_heads"; GATHER = "gather"
     # -- sequence mixing ---------------------------------------------------------------------
     ROPE = "rope"; ATTEND = "attend"; LINEAR_SCAN = "linear_scan"; LINEAR_ATTN = "linear_attn"
+    KV_READ = "kv_read"        # the K/V (and key positions) an attention site last recorded
     # -- memories ----------------------------------------------------------------------------
     MEM_READ = "mem_read"; MEM_WRITE = "mem_write"
     BANK_PUSH = "bank_push"; BANK_VALID = "bank_valid"
@@ -474,6 +475,10 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
     D(Op.ATTEND, Group.MIX, (3, 6), ("causal", "window", "prefix", "site", "copy", "kv_share", "has_mask", "has_pos"), _attend,
       "scaled dot-product attention on [B, T, H, Dh]; grouped KV heads repeat; optional mask/positions",
       required=("causal", "window", "prefix")),
+    D(Op.KV_READ, Group.SOURCE, (0, 0), ("site", "copy", "var"), None,
+      "the K, V (and key positions) attention site `site` (copy `copy`) last recorded; `var`: the recursion "
+      "whose first trip recorded them", example="%k, %v, %kpos = kv_read() {copy=<j>, site=\"core.attn\", var=\"r\"} "
+      ": f32[B, T, 4, 16], f32[B, T, 4, 16], i64[B, T]", required=("site",)),
     D(Op.LINEAR_SCAN, Group.MIX, (3, 3), ("axis",), _linear_scan, "h_t = a_t * h_{t-1} + b_t along an axis",
       required=("axis",)),
     D(Op.LINEAR_ATTN, Group.MIX, (4, 4), (), _linear_attn,
@@ -492,8 +497,9 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
     D(Op.HALT_LOOP, Group.REGION, (0, -1), ("trips", "var"), None,
       "repeat up to `trips` times; each sample stops once the region's first yield is true", regions=1,
       required=("trips",)),
-    D(Op.ROUTE_TOPK, Group.REGION, (2, 4), ("capacity", "has_among", "has_weight"), None,
-      "run the region on the top-k tokens by score, scatter back (gated)", regions=1, required=("capacity",)),
+    D(Op.ROUTE_TOPK, Group.REGION, (2, 4), ("capacity", "has_among", "has_weight", "schedule"), None,
+      "run the region on the top-k tokens by score (schedule \"compact\": gathered; \"mask\": every token, "
+      "blended by the selection), scatter back (gated)", regions=1, required=("capacity",)),
     D(Op.ROUTE_MASK, Group.REGION, (2, 3), ("has_weight", "dims"), None,
       "run the region on each sample's masked tokens, scatter back (gated)", regions=1),
     D(Op.SCAN, Group.REGION, (1, -1), ("size", "stacked"), None,

@@ -9,7 +9,7 @@ from archc.errors import ArchError, Span
 from archc.ir.core import Graph, Node, Region
 from archc.ir.ops import FUSIBLE_OPS, OPS, Op, ShapeError
 from archc.ir.printer import node_lines
-from archc.ir.shapes import BOOL, I64, TensorType, dims_equal, sym
+from archc.ir.shapes import BOOL, F32, I64, TensorType, dims_equal, sym
 
 
 def verify(g: Graph, bindings: dict | None = None) -> None:
@@ -206,6 +206,16 @@ def _route_entry(v: _Verifier, n: Node) -> None:
         flags = ", ".join(f"{k}={bool(n.attr(k))}" for k in optional)
         raise v.fail(f"{n.op.value} with {flags} takes {want} operands, got {len(n.inputs)}", n)
     x, args = v.types[n.inputs[0]], _args(n)
+    schedule = n.attr("schedule", "compact") if n.op is Op.ROUTE_TOPK else "compact"
+    if schedule not in ("compact", "mask"):
+        raise v.fail(f"route_topk schedule must be \"compact\" or \"mask\", got {schedule!r}", n)
+    if schedule == "mask":
+        if len(args) != 3:
+            raise v.fail(f"route_topk with schedule=\"mask\" takes (x, pos, keep), got {len(args)} argument(s)", n)
+        batch_len = x.shape[:2]
+        want = [TensorType(x.dtype, x.shape), TensorType(I64, batch_len), TensorType(BOOL, batch_len)]
+        v.expect_types(n, "region arguments (every token, its position, the selection)", args, want)
+        return
     if len(args) != 2:
         raise v.fail(f"{n.op.value} region takes (x_sel, pos), got {len(args)} argument(s)", n)
     if args[0].dtype != x.dtype or args[0].rank != x.rank:
@@ -273,6 +283,15 @@ def _param(v: _Verifier, n: Node) -> None:
     v.expect_types(n, "result", _outs(n), [t])
 
 
+def _kv_read(v: _Verifier, n: Node) -> None:
+    outs = _outs(n)
+    shapes_ok = len(outs) in (2, 3) and all(t.dtype == F32 and t.rank == 4 for t in outs[:2]) and (
+        len(outs) == 2 or (outs[2].dtype == I64 and outs[2].rank == 2))
+    if not shapes_ok:
+        raise v.fail("kv_read returns (k, v) as f32[B, T, H, Dh], and the key positions as i64[B, T] when the "
+                     "recording site has positions", n)
+
+
 Check = Callable[[_Verifier, Node], None]
 _ENTRY: dict[Op, Check] = {
     Op.LOOP: _loop_entry, Op.HALT_LOOP: _loop_entry, Op.ROUTE_TOPK: _route_entry, Op.ROUTE_MASK: _route_entry,
@@ -280,5 +299,5 @@ _ENTRY: dict[Op, Check] = {
 }
 _EXIT: dict[Op, Check] = {
     Op.LOOP: _loop_exit, Op.HALT_LOOP: _halt_loop_exit, Op.ROUTE_TOPK: _route_exit, Op.ROUTE_MASK: _route_exit,
-    Op.SCAN: _scan_exit, Op.PARAM: _param, Op.FUSED: _fused_exit,
+    Op.SCAN: _scan_exit, Op.PARAM: _param, Op.FUSED: _fused_exit, Op.KV_READ: _kv_read,
 }

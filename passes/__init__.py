@@ -22,11 +22,13 @@ from archc.passes.dce import dce
 from archc.passes.fold_loops import fold_loops
 from archc.passes.fuse_elementwise import fuse_elementwise
 from archc.passes.hoist_invariants import hoist_invariants
+from archc.passes.insert_kv_sharing import insert_kv_sharing, remarks as kv_sharing_remarks
 from archc.passes.recur_blocks import recur_blocks
+from archc.passes.schedule_depth import remarks as schedule_remarks, schedule_depth
 from archc.passes.simplify_shapes import simplify_shapes
 from archc.passes.unroll_loops import unroll_small_loops
 
-Pass = Callable[[Graph], Graph]
+Pass = Callable[..., Graph]          # g, then the pass's options as keyword arguments
 
 PASSES: dict[str, Pass] = {
     "simplify-shapes": simplify_shapes,
@@ -38,6 +40,14 @@ PASSES: dict[str, Pass] = {
     "unroll-small-loops": unroll_small_loops,
     "hoist-invariants": hoist_invariants,
     "recur-blocks": recur_blocks,          # changes the model; never in a preset (SPEC.md §18)
+    "insert-kv-sharing": insert_kv_sharing,
+    "schedule-depth": schedule_depth,
+}
+
+# name -> fn(before, after, **options) -> lines explaining what the pass decided (`--remarks`)
+REMARKS: dict[str, Callable[..., list[str]]] = {
+    "insert-kv-sharing": kv_sharing_remarks,
+    "schedule-depth": schedule_remarks,
 }
 
 CLEANUP = ("simplify-shapes", "const-fold", "cse", "dce")
@@ -45,7 +55,7 @@ LOOPS = ("fold-loops", "unroll-small-loops", "hoist-invariants")
 PRESETS: dict[str, tuple[str, ...]] = {
     "O0": (),
     "O1": CLEANUP,
-    "O2": CLEANUP + LOOPS + ("const-fold", "cse", "dce", "fuse-elementwise"),
+    "O2": ("insert-kv-sharing", "schedule-depth") + CLEANUP + LOOPS + ("const-fold", "cse", "dce", "fuse-elementwise"),
 }
 
 
@@ -63,14 +73,20 @@ def get_pass(name: str) -> Pass:
     fn = PASSES[base]
     if not options:
         return fn
-    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    for key in options:
+    allowed = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    for key, value in options.items():
         if key not in allowed:
             raise ArchError(f"pass `{base}` has no option `{key}`",
                             hint=f"options: {', '.join(allowed)}" if allowed else f"`{base}` takes no options")
+        if _is_number(allowed[key]) and not _is_number(value):
+            raise ArchError(f"pass `{base}`: option `{key}` must be a number, got `{value}`")
     bound = functools.partial(fn, **options)
     bound.__doc__ = fn.__doc__
     return bound
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
@@ -134,8 +150,10 @@ def _nodes(g: Graph) -> int:
 
 
 def run_pipeline(g: Graph, names: Iterable[str], *, verify: bool = False, print_after: Iterable[str] = (),
-                 print_after_all: bool = False, time_passes: bool = False, out: TextIO | None = None) -> Graph:
-    """Run the named passes in order; between passes verify, print the IR, and time them as asked."""
+                 print_after_all: bool = False, time_passes: bool = False, remarks: bool = False,
+                 out: TextIO | None = None) -> Graph:
+    """Run the named passes in order; between passes verify, print the IR and the passes' remarks, and
+    time them as asked."""
     names = tuple(names)
     passes = [(name, get_pass(name)) for name in names]
     print_after = {parse_entry(name)[0] for name in print_after}
@@ -150,10 +168,15 @@ def run_pipeline(g: Graph, names: Iterable[str], *, verify: bool = False, print_
     for name, fn in passes:
         before = _nodes(g) if time_passes else 0
         start = time.perf_counter()
-        g = fn(g)
+        prev, g = g, fn(g)
         elapsed = time.perf_counter() - start
         if verify:
             _verify_after(g, name, bindings)
+        base, options = parse_entry(name)
+        if remarks and base in REMARKS:
+            lines = REMARKS[base](prev, g, **options)
+            out.write(f"// ----- remarks from {base} ({g.name}) ----- //\n"
+                      + "".join(f"// {line}\n" for line in lines or ["nothing to do"]))
         if print_after_all or parse_entry(name)[0] in print_after:
             from archc.ir.printer import print_graph
             out.write(f"// ----- IR after {name} ({g.name}) ----- //\n{print_graph(g)}")

@@ -2,7 +2,7 @@
 nested regions, graph-wide value types, and a matcher for "the same computation up to renaming".
 
 Nothing here is a pass; `fold_loops`, `hoist_invariants`, `unroll_loops` and `recur_blocks` are
-built from these pieces (SPEC.md §18).
+built from these pieces (SPEC.md §18), and so are `insert_kv_sharing` and `schedule_depth` (§22).
 """
 from __future__ import annotations
 
@@ -81,10 +81,11 @@ class FreshNames:
         return name
 
 
-def value_types(g: Graph) -> dict[str, TensorType]:
-    """The type of every value in the graph (names are unique graph-wide)."""
-    types = {a.name: a.type for a in g.body.args}
-    for n in g.walk():
+def value_types(g: Graph | Region) -> dict[str, TensorType]:
+    """The type of every value in the graph or region, nested regions included (names are unique graph-wide)."""
+    r = g.body if isinstance(g, Graph) else g
+    types = {a.name: a.type for a in r.args}
+    for n in r.walk():
         types.update((o.name, o.type) for o in n.outputs)
         for r in n.regions:
             types.update((a.name, a.type) for a in r.args)
@@ -182,6 +183,23 @@ def map_loop_bodies(r: Region, fn: Callable[[Node], tuple[list[Node], list[Node]
         out.extend(before)
         out.extend(instead)
     return Region(r.args, tuple(out), r.results)
+
+
+def splice(r: Region, target: str, fn: Callable[[Node], list[Node]]) -> Region:
+    """`r` with the node whose first result is `target` replaced by `fn(node)` (searched in nested regions)."""
+    return map_loop_bodies(r, lambda n: ([], fn(n) if n.outputs and n.outputs[0].name == target else [n]))
+
+
+def ancestors(r: Region, target: Node, path: tuple[Node, ...] = ()) -> tuple[Node, ...] | None:
+    """The region ops between `r` and `target` (found by identity), outermost first; None if absent."""
+    for n in r.nodes:
+        if n is target:
+            return path
+        for sub in n.regions:
+            found = ancestors(sub, target, path + (n,))
+            if found is not None:
+                return found
+    return None
 
 
 # -- the same computation, up to renaming ------------------------------------------------------------

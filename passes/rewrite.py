@@ -53,12 +53,12 @@ def on(*ops: Op) -> Callable[[Node], bool]:
 
 
 def has_effects(n: Node) -> bool:
-    """Attention sites record (and K/V sharing reads) the interpreter's K/V store: order matters.
+    """Attention sites record (and K/V sharing and `kv_read` read) the K/V store: order matters.
 
     A region op has the effects of the nodes inside it. Every other op is a pure function of its
     operands, attributes and the symbols in scope.
     """
-    if n.op is Op.ATTEND and (n.attr("site") or n.attr("kv_share")):
+    if (n.op is Op.ATTEND and (n.attr("site") or n.attr("kv_share"))) or n.op is Op.KV_READ:
         return True
     return any(has_effects(m) for r in n.regions for m in r.walk())
 
@@ -207,34 +207,40 @@ def _alias_ok(n: Node, rep: Alias, ctx: Ctx) -> bool:
 # -- a structural map over every expression ----------------------------------------------------------
 
 
+def _map_value(v: Any, fn: Callable[[sympy.Basic], sympy.Basic]) -> Any:
+    if isinstance(v, sympy.Basic):
+        return fn(v)
+    if isinstance(v, tuple):
+        return tuple(_map_value(x, fn) for x in v)
+    return v
+
+
+def map_type(t: TensorType, fn: Callable[[sympy.Basic], sympy.Basic]) -> TensorType:
+    shape = tuple(fn(d) for d in t.shape)
+    return t if shape == t.shape else TensorType(t.dtype, shape)
+
+
+def _map_val(v: Value, fn) -> Value:
+    t = map_type(v.type, fn)
+    return v if t is v.type else Value(v.name, t)
+
+
+def map_node_exprs(n: Node, fn: Callable[[sympy.Basic], sympy.Basic]) -> Node:
+    """`n` (and its regions) with `fn` applied to every symbolic expression in types and attributes."""
+    return n.replace(outputs=tuple(_map_val(o, fn) for o in n.outputs),
+                     attrs=tuple((k, _map_value(v, fn)) for k, v in n.attrs),
+                     regions=tuple(map_region_exprs(r, fn) for r in n.regions))
+
+
+def map_region_exprs(r: Region, fn: Callable[[sympy.Basic], sympy.Basic]) -> Region:
+    return Region(tuple(_map_val(a, fn) for a in r.args), tuple(map_node_exprs(n, fn) for n in r.nodes), r.results)
+
+
 def map_exprs(g: Graph, fn: Callable[[sympy.Basic], sympy.Basic]) -> Graph:
     """Rebuild `g` with `fn` applied to every symbolic expression in types, attributes and params."""
 
-    def value(v: Any) -> Any:
-        if isinstance(v, sympy.Basic):
-            return fn(v)
-        if isinstance(v, tuple):
-            return tuple(value(x) for x in v)
-        return v
-
-    def ttype(t: TensorType) -> TensorType:
-        shape = tuple(fn(d) for d in t.shape)
-        return t if shape == t.shape else TensorType(t.dtype, shape)
-
-    def val(v: Value) -> Value:
-        t = ttype(v.type)
-        return v if t is v.type else Value(v.name, t)
-
-    def node(n: Node) -> Node:
-        return n.replace(outputs=tuple(val(o) for o in n.outputs),
-                         attrs=tuple((k, value(v)) for k, v in n.attrs),
-                         regions=tuple(region(r) for r in n.regions))
-
-    def region(r: Region) -> Region:
-        return Region(tuple(val(a) for a in r.args), tuple(node(n) for n in r.nodes), r.results)
-
     def param(p: Param) -> Param:
-        return replace(p, type=ttype(p.type), init_args=tuple((k, value(v)) for k, v in p.init_args),
-                       copies=value(p.copies))
+        return replace(p, type=map_type(p.type, fn), init_args=tuple((k, _map_value(v, fn)) for k, v in p.init_args),
+                       copies=_map_value(p.copies, fn))
 
-    return g.replace(params=tuple(param(p) for p in g.params), body=region(g.body))
+    return g.replace(params=tuple(param(p) for p in g.params), body=map_region_exprs(g.body, fn))

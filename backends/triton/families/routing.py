@@ -39,7 +39,9 @@ def matches(node: Node, graph: Graph) -> bool:
 
 
 def region_matches(node: Node, graph: Graph) -> bool:
-    return node.op is Op.ROUTE_TOPK and value_types(graph)[node.inputs[0]].dtype.value == "f32"
+    """Compacted routes (a masked route, SPEC §22.2, has no gather or scatter to run)."""
+    return (node.op is Op.ROUTE_TOPK and node.attr("schedule") != "mask"
+            and value_types(graph)[node.inputs[0]].dtype.value == "f32")
 
 
 def spec(node: Node, graph: Graph) -> tuple:
