@@ -498,16 +498,16 @@ def cli(*args):
 
 
 def test_cli_ir_levels_and_pass_lists():
-    path = stdlib.path("titans")
-    (g,) = stdlib.graphs("titans")
-    o0 = cli("ir", path)
+    path, arch = stdlib.path("titans"), ("--arch", "TitansMAC")      # titans.arch defines four architectures
+    g = next(g for g in stdlib.graphs("titans") if g.name == "TitansMAC")
+    o0 = cli("ir", path, *arch)
     assert o0.exit_code == 0 and o0.output == print_module([g])
-    o1 = cli("ir", path, "-O1")
+    o1 = cli("ir", path, *arch, "-O1")
     assert o1.exit_code == 0 and o1.output == print_module([run_pipeline(g, O1)])
-    assert cli("ir", path, "-O2").output == print_module([run_pipeline(g, PRESETS["O2"])])
-    listed = cli("ir", path, "--passes", "cse,dce")
+    assert cli("ir", path, *arch, "-O2").output == print_module([run_pipeline(g, PRESETS["O2"])])
+    listed = cli("ir", path, *arch, "--passes", "cse,dce")
     assert listed.output == print_module([run_pipeline(g, ["cse", "dce"])])
-    off = cli("ir", path, "-O1", "--disable-pass", "cse")
+    off = cli("ir", path, *arch, "-O1", "--disable-pass", "cse")
     assert off.output == print_module([run_pipeline(g, ["simplify-shapes", "const-fold", "dce"])])
     assert off.output != o1.output
 
@@ -520,12 +520,12 @@ def test_cli_unknown_pass_is_a_diagnostic():
 
 
 def test_cli_ir_prints_after_passes_on_stdout():
-    path = stdlib.path("titans")
+    path = stdlib.path("titans")                    # four architectures: each prints its own
     r = cli("ir", path, "-O1", "--print-after", "cse", "--time-passes", "--verify")
     assert r.exit_code == 0, r.output
     assert r.stdout.count("// ----- IR after cse (TitansMAC) ----- //") == 1
     assert "pass timing (TitansMAC)" in r.stdout and r.stderr == ""
-    r = cli("ir", path, "-O1", "--print-after-all")
+    r = cli("ir", path, "--arch", "TitansMAC", "-O1", "--print-after-all")
     assert r.stdout.count("// ----- IR after") == len(O1)
 
 
