@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import archc.stdlib as stdlib
+from archc import stdlib
 
-FULL = dict(train_steps=6, iters=300, d=32, heads=2, lr=1e-2, batch=64, eval_graphs=512)
-QUICK = dict(train_steps=4, iters=150, d=32, heads=2, lr=1e-2, batch=64, eval_graphs=256)
+FULL = {"train_steps": 6, "iters": 300, "d": 32, "heads": 2, "lr": 1e-2, "batch": 64, "eval_graphs": 512}
+QUICK = {"train_steps": 4, "iters": 150, "d": 32, "heads": 2, "lr": 1e-2, "batch": 64, "eval_graphs": 256}
 
 
 def progress(label: str, done: int, total: int, start: float, loss: float | None = None) -> None:

