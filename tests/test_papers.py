@@ -77,6 +77,149 @@ def test_lstm_pinn_pde_residual_differentiates_through_the_depth_recurrence():
     assert _poisson_residual(m, x).item() < first
 
 
+# -- 8 Do language models use their depth efficiently? -----------------------------------------------
+
+
+def _depth_probe(tokens, run_mask, p, b=None):
+    (g,) = stdlib.graphs("depth_efficiency")
+    return run(g, p, {"tokens": tokens, "run": run_mask}, b)
+
+
+def test_depth_probes_are_the_reference_formulas_on_the_residual_stream():
+    """analyze_norms.py's quantities, computed by hand from the sub-layer residual stream."""
+    (g,) = stdlib.graphs("depth_efficiency")                       # 6 layers, d 32
+    p = init_params(g, seed=0)
+    tokens = torch.randint(0, 64, (2, 7))
+    out = _depth_probe(tokens, torch.ones(2, 7, 6, dtype=torch.bool), p)
+    F = torch.nn.functional
+    h = out["stream"]                                              # h_0, h_0 + a_0, h_1, ..., h_6
+    for l in range(6):
+        h_in, h_mid, h_out = h[:, :, 2 * l], h[:, :, 2 * l + 1], h[:, :, 2 * l + 2]
+        a, m = h_mid - h_in, h_out - h_mid
+        rel = lambda u, r: u.norm(dim=-1) / r.norm(dim=-1).clamp(min=1e-6)           # noqa: E731
+        expect = torch.stack([rel(a, h_in), rel(m, h_mid), rel(a + m, h_in)], -1)
+        cos = torch.stack([F.cosine_similarity(a, h_in, -1), F.cosine_similarity(m, h_mid, -1),
+                           F.cosine_similarity(a + m, h_in, -1)], -1)
+        torch.testing.assert_close(out["contribution"][:, :, l], expect, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out["cosine"][:, :, l], cos, atol=1e-5, rtol=1e-4)
+    normed = h[:, :, -1] * torch.rsqrt(h[:, :, -1].pow(2).mean(-1, keepdim=True) + 1e-6) * p["norm.weight"]
+    torch.testing.assert_close(out["logits"], normed @ p["head.weight"].T, atol=1e-5, rtol=1e-4)
+
+
+def test_depth_skip_intervention_removes_a_layer_and_only_affects_the_future():
+    (g,) = stdlib.graphs("depth_efficiency")
+    p = init_params(g, seed=0)
+    tokens = torch.randint(0, 64, (2, 8))
+    full = torch.ones(2, 8, 6, dtype=torch.bool)
+    base = _depth_probe(tokens, full, p)
+    # a layer skipped everywhere = the same model built without it
+    skip = full.clone()
+    skip[:, :, 3] = False
+    five = {k: (torch.cat([v[:3], v[4:]]) if k.startswith("layers.") else v) for k, v in p.items()}
+    ref = _depth_probe(tokens, full[:, :, :5], five, {"n_layers": 5})["logits"]
+    torch.testing.assert_close(_depth_probe(tokens, skip, p)["logits"], ref, atol=1e-5, rtol=1e-4)
+    # the future-effect experiment: skip layer s at positions < t; nothing before layer s changes, and
+    # positions before t are exactly the model without layer s there
+    s, t = 2, 5
+    early = full.clone()
+    early[:, :t, s] = False
+    out = _depth_probe(tokens, early, p)
+    assert torch.equal(out["stream"][:, :, :2 * s + 1], base["stream"][:, :, :2 * s + 1])
+    assert out["contribution"][:, :t, s].abs().max() < 1e-9
+    without_s = full.clone()
+    without_s[:, :, s] = False
+    torch.testing.assert_close(out["logits"][:, :t], _depth_probe(tokens, without_s, p)["logits"][:, :t])
+    change = (out["contribution"][:, t:, s + 1:] - base["contribution"][:, t:, s + 1:]).abs()
+    assert change.max() > 0                                           # later layers feel it through attention
+
+
+# -- 15 SelectivBench ---------------------------------------------------------------------------------
+
+
+def _selectivbench_by_hand(p, tokens, selective, delta, heads=2):
+    """One RecNet layer of the gated delta recurrence, token by token."""
+    lin = lambda x, n: x @ p[f"mixers.{n}.weight"][0].T                               # noqa: E731
+    x = p["encoder.weight"][tokens]
+    B, T, d = x.shape
+    split = lambda z: z.view(B, heads, -1)                                            # noqa: E731
+    S = torch.zeros(B, heads, d // heads, d // heads)
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        q = torch.nn.functional.normalize(split(lin(xt, "q")), dim=-1, eps=1e-6)
+        k = torch.nn.functional.normalize(split(lin(xt, "k")), dim=-1, eps=1e-6)
+        v = split(lin(xt, "v"))
+        if selective:
+            alpha = torch.sigmoid(split(lin(xt, "a_gate") + p["mixers.a_gate.bias"][0]))
+            beta = torch.sigmoid(lin(xt, "b_gate") + p["mixers.b_gate.bias"][0])
+        else:
+            alpha, beta = torch.sigmoid(p["mixers.decay"][0]).expand(B, -1, -1), torch.ones(B, heads)
+        S = S * alpha[:, :, None, :]
+        recalled = (S @ k[..., None])[..., 0]
+        S = S + beta[..., None, None] * (v - delta * recalled)[..., None] * k[:, :, None, :]
+        ys.append((S @ q[..., None])[..., 0].flatten(1))
+    h = x + torch.stack(ys, 1) @ p["mixers.o.weight"][0].T
+    h = torch.nn.functional.layer_norm(h, (d,), p["norms.weight"][0], p["norms.bias"][0])
+    return h @ p["decoder.weight"].T + p["decoder.bias"]
+
+
+@pytest.mark.parametrize("selective,delta", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_selectivbench_taxonomy_corners_are_the_gated_delta_recurrence(selective, delta):
+    (g,) = stdlib.graphs("selectivbench")
+    b = {"n_layers": 1, "selective": selective, "delta": delta}
+    gen = torch.Generator().manual_seed(0)
+    p = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in init_params(g, b, seed=0).items()}
+    tokens = torch.randint(0, 16, (2, 6), generator=gen)
+    torch.testing.assert_close(run(g, p, {"tokens": tokens}, b)["logits"],
+                               _selectivbench_by_hand(p, tokens, selective, delta), atol=1e-5, rtol=1e-4)
+
+
+def test_selectivbench_selective_gates_hold_a_memory_through_distractors():
+    """Selectivity: with a write gate driven by a 'distractor' feature (write nothing on it), any
+    number of distractors after a cue leaves the recalled value alone; the LTI model with the same
+    weights cannot shut its input out. In-state mixing: the delta rule overwrites the value stored
+    under a key, additive writes pile up."""
+    (g,) = stdlib.graphs("selectivbench")
+    b = {"n_layers": 1, "heads": 1, "d": 4, "dk": 2, "dv": 2, "vocab": 3}
+    p = {k: torch.zeros_like(v) for k, v in init_params(g, b, seed=0).items()}
+    # tokens 0, 1: cues (feature 0 = 1, value +-1 in feature 2); token 2: distractor (feature 1 = 1)
+    p["encoder.weight"] = torch.tensor([[1.0, 0, 1, 0], [1.0, 0, -1, 0], [0, 1.0, 0, 3]])
+    p["mixers.q.weight"][0] = p["mixers.k.weight"][0] = torch.tensor([[1.0, 1, 0, 0], [0, 0, 0, 0]])
+    p["mixers.v.weight"][0] = torch.tensor([[0, 0, 1.0, 1], [0, 0, 0, 0]])
+    p["mixers.a_gate.bias"][0] = torch.full((2,), 30.0)                                   # no forgetting
+    p["mixers.b_gate.weight"][0] = torch.tensor([[40.0, -40, 0, 0]])                     # write on cues only
+    p["mixers.b_gate.bias"][0] = torch.full((1,), -20.0)
+    p["mixers.decay"][0] = torch.full((1, 2), 30.0)
+    p["mixers.o.weight"][0] = torch.tensor([[0, 0], [0, 0], [1.0, 0], [0, 0]])
+    p["norms.weight"][0] = torch.ones(4)
+    p["decoder.weight"] = torch.eye(3, 4)
+    read = lambda seq, sel, dl: run(g, p, {"tokens": torch.tensor([seq])},                 # noqa: E731
+                                    {**b, "selective": sel, "delta": dl})["logits"][0, -1]
+    assert torch.allclose(read([0, 2, 2, 2, 2], 1.0, 1.0), read([0, 2], 1.0, 1.0), atol=1e-5)
+    assert not torch.allclose(read([0, 2, 2, 2, 2], 0.0, 0.0), read([0, 2], 0.0, 0.0), atol=1e-2)
+    assert torch.allclose(read([1, 0, 2], 1.0, 1.0), read([0, 2], 1.0, 1.0), atol=1e-5)
+    assert not torch.allclose(read([1, 0, 2], 1.0, 0.0), read([0, 2], 1.0, 0.0), atol=1e-2)
+
+
+def test_selectivbench_generator_follows_its_grammar_with_rule_breaking_gaps():
+    from archc.tasks import selectivbench_batch, selectivbench_grammar
+    gr = selectivbench_grammar(seed=3)
+    assert len(gr.emits) > gr.symbols                                  # some symbols are ambiguous
+    tokens, states, mask = selectivbench_batch(gr, 4, 64, gap_prob=0.5, seed=1)
+    for b in range(4):
+        prev = None
+        for t in range(64):
+            if mask[b, t]:
+                assert tokens[b, t] == gr.emits[states[b, t]]
+                if prev is not None and prev != 0:
+                    assert states[b, t].item() in gr.successors[prev]
+                prev = states[b, t].item()
+            else:                                                       # a distractor breaks the rules
+                assert tokens[b, t].item() not in gr.allowed_symbols(prev)
+    assert (~mask).any() and mask.any()
+    assert torch.equal(selectivbench_batch(gr, 4, 64, gap_prob=0.5, seed=1)[0], tokens)
+
+
 # -- 12 HCAM ------------------------------------------------------------------------------------------
 
 
@@ -103,6 +246,59 @@ def test_hcam_attends_in_detail_only_inside_the_chunks_its_summaries_select():
     p = {k: v.requires_grad_(True) for k, v in p.items()}
     run(g, p, {"queries": q, "memories": mem})["out"].sum().backward()
     assert mem.grad is None or not mem.grad.any()
+
+
+# -- 13 timescales and curricula -----------------------------------------------------------------------
+
+
+def test_leaky_rnn_update_has_one_trainable_timescale_per_neuron():
+    (g,) = stdlib.graphs("timescale_curriculum")
+    gen = torch.Generator().manual_seed(0)
+    p = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in init_params(g, seed=0).items()}
+    x = torch.randint(0, 2, (3, 9, 1)).float()
+    out = run(g, p, {"x": x})
+    tau = 1 + torch.nn.functional.softplus(p["rho"])
+    h, hs = torch.zeros(3, 32), []
+    for t in range(9):
+        h = (1 - 1 / tau) * h + (1 / tau) * torch.tanh(h @ p["rec.weight"].T + x[:, t] @ p["inp.weight"].T + p["inp.bias"])
+        hs.append(h)
+    ref = (torch.stack(hs, 1) @ p["readout.weight"].T + p["readout.bias"]).view(3, 9, 8, 2)
+    torch.testing.assert_close(out["logits"], ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["tau"], tau)
+    assert (tau >= 1).all()
+
+
+@pytest.mark.parametrize("multi_head", [0, 1])
+def test_timescale_curricula_train_the_heads_the_paper_says(multi_head):
+    """Single-head: stage s trains N = 2 + s alone; multi-head: every N <= 2 + s at once. A training
+    loop applies the schedule per stage; only the scheduled heads' readout rows learn."""
+    from archc.tasks import n_parity
+    (g,) = stdlib.graphs("timescale_curriculum")
+    m = GraphModule(g, {"hidden": 16, "heads": 4, "multi_head": multi_head}, seed=0)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    readout = m.names.index("readout.weight")
+    for stage in range(3):
+        v = m.apply_schedule("curriculum", stage)
+        heads = list(range(v["first_head"], v["last_head"] + 1))
+        assert v["n_task"] == 2 + stage and heads == (list(range(stage + 1)) if multi_head else [stage])
+        x, y, mask = n_parity(8, 12, [2 + j for j in range(4)], seed=stage)
+        logits = m(x=x[..., None].float())["logits"]
+        loss = sum(torch.nn.functional.cross_entropy(logits[:, :, j][mask[:, :, j]], y[:, :, j][mask[:, :, j]])
+                   for j in heads)
+        opt.zero_grad()
+        loss.backward()
+        rows = m.weights[readout].grad.view(4, 2, 16).abs().sum((1, 2)) > 0
+        assert rows.nonzero().flatten().tolist() == heads
+        opt.step()
+
+
+def test_n_parity_and_n_dms_targets():
+    from archc.tasks import n_dms, n_parity
+    x, y, mask = n_parity(2, 10, [1, 3], seed=0)
+    assert torch.equal(y[..., 0], x) and not mask[:, :2, 1].any() and mask[:, 2:, 1].all()
+    assert torch.equal(y[:, 5, 1], (x[:, 3] + x[:, 4] + x[:, 5]) % 2)
+    x, y, mask = n_dms(2, 10, [2], seed=0)
+    assert torch.equal(y[:, 7, 0], (x[:, 7] == x[:, 5]).long()) and not mask[:, 1, 0].any()
 
 
 # -- 14 hierarchical parametric memories ---------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Synthetic tasks that the analysis papers of the stdlib define (for tests and training scripts).
+
+* SelectivBench (stdlib `selectivbench`): random artificial grammars whose ambiguous symbols are
+  emitted by several states; the target of every element is the state that emitted it, so a model
+  must remember the context that disambiguates it; gaps of rule-violating distractor symbols are
+  inserted between elements and masked out of the loss.
+* N-parity and N-delayed-match-to-sample (stdlib `timescale_curriculum`): binary streams whose
+  targets need the last N inputs, one target per N (the multi-head curriculum's heads).
+
+Everything is seeded and CPU-only; sizes are small enough for unit tests.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+END = 0          # the end-of-string symbol `#` of a grammar
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A finite-state grammar: state s emits symbol `emits[s]` (0 is the end symbol `#`)."""
+
+    emits: tuple[int, ...]                      # state -> symbol; state 0 is the end state
+    successors: tuple[tuple[int, ...], ...]     # state -> allowed next states (equiprobable)
+    start: tuple[int, ...]
+
+    @property
+    def symbols(self) -> int:
+        return max(self.emits) + 1
+
+    def allowed_symbols(self, state: int) -> set[int]:
+        return {self.emits[s] for s in self.successors[state]}
+
+
+def _reaches_end(successors: list[list[int]]) -> bool:
+    reach = {END}
+    changed = True
+    while changed:
+        changed = False
+        for s, nxt in enumerate(successors):
+            if s not in reach and any(n in reach for n in nxt):
+                reach.add(s)
+                changed = True
+    return len(reach) == len(successors)
+
+
+def selectivbench_grammar(alphabet: int = 6, ambiguities: int = 2, depth: int = 3, density: float = 0.3,
+                          seed: int = 0) -> Grammar:
+    """A random grammar as SelectivBench's generate_grammar draws it.
+
+    `alphabet` symbols including the end symbol; `ambiguities` of them are emitted by `depth`
+    states each. For every source state and symbol, one random state emitting that symbol becomes
+    a successor with probability (number of such states) * density; the end state has no
+    successors; grammars where some state cannot reach the end are redrawn.
+    """
+    rng = random.Random(seed)
+    for _ in range(10_000):
+        letters = list(range(1, alphabet))
+        repeated = set(rng.sample(letters, ambiguities))
+        emits = [END] + [a for a in letters for _ in range(depth if a in repeated else 1)]
+        by_symbol = {a: [s for s, e in enumerate(emits) if e == a] for a in range(alphabet)}
+        successors: list[list[int]] = [[] for _ in emits]
+        for src in range(1, len(emits)):
+            for a in range(alphabet):
+                candidates = by_symbol[a]
+                if rng.random() < len(candidates) * density:
+                    successors[src].append(rng.choice(candidates))
+            successors[src] = sorted(set(successors[src]))
+        start = [s for s in range(1, len(emits)) if successors[s]]
+        if _reaches_end(successors) and start:
+            return Grammar(tuple(emits), tuple(tuple(s) for s in successors),
+                           tuple(rng.sample(start, 1)))
+    raise ValueError("no valid grammar for these parameters")
+
+
+def selectivbench_batch(g: Grammar, batch: int, length: int, gap_prob: float = 0.3, gap_max: int = 3,
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, states, mask), each [batch, length]: strings of `g` back to back; after each element a
+    gap of 1..gap_max distractor symbols (ones the grammar does not allow next) with probability
+    gap_prob. `states[b, t]` is the state that emitted token t (the classification target);
+    `mask` is false on distractors."""
+    rng = random.Random(seed)
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    states = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        t, state = 0, END
+        while t < length:
+            state = rng.choice(g.start) if state == END else rng.choice(g.successors[state])
+            tokens[b, t], states[b, t], mask[b, t] = g.emits[state], state, True
+            t += 1
+            if state != END and rng.random() < gap_prob:
+                wrong = sorted(set(range(g.symbols)) - g.allowed_symbols(state))
+                for _ in range(rng.randint(1, gap_max)):
+                    if t >= length or not wrong:
+                        break
+                    tokens[b, t], states[b, t] = rng.choice(wrong), state
+                    t += 1
+    return tokens, states, mask
+
+
+def n_parity(batch: int, length: int, ns: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs [B, T] in {0, 1}, targets [B, T, len(ns)], mask [B, T, len(ns)]): target j at t is
+    the parity of inputs t - N_j + 1 .. t (defined once t >= N_j - 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 2, (batch, length), generator=gen)
+    c = torch.cat([torch.zeros(batch, 1, dtype=torch.long), x.cumsum(1)], 1)
+    targets, mask = [], []
+    for n in ns:
+        t = torch.arange(length)
+        window = c[:, t + 1] - c[:, (t + 1 - n).clamp(min=0)]
+        targets.append(window % 2)
+        mask.append((t >= n - 1).expand(batch, length))
+    return x, torch.stack(targets, -1), torch.stack(mask, -1)
+
+
+def n_dms(batch: int, length: int, ns: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Delayed match-to-sample: target j at t is 1 when input t equals input t - N_j."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 2, (batch, length), generator=gen)
+    targets, mask = [], []
+    for n in ns:
+        t = torch.arange(length)
+        targets.append((x == x[:, (t - n).clamp(min=0)]).long())
+        mask.append((t >= n).expand(batch, length))
+    return x, torch.stack(targets, -1), torch.stack(mask, -1)
