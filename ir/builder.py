@@ -36,6 +36,8 @@ class Builder:
         self.namer = Namer()
         self._stack: list[list[Node]] = [[]]
         self.defaults = defaults if defaults is not None else {}   # symbol -> value, for checks
+        self._memo: dict = {}
+        self._memo_n = 0
 
     def value(self, hint: str, type_: TensorType) -> Value:
         return Value(self.namer.fresh(hint), type_)
@@ -62,14 +64,27 @@ class Builder:
         self._stack[-1].append(Node.make(op, [v.name for v in inputs], outs, attrs, regions, span))
         return outs
 
+    def _at_defaults(self, x):
+        """`x` with the default parameter values substituted (memoised: the same dims recur in every op)."""
+        if not hasattr(x, "subs"):
+            return x
+        if len(self.defaults) != self._memo_n:      # parameters are still being declared
+            self._memo, self._memo_n = {}, len(self.defaults)
+        try:
+            return self._memo[x]
+        except KeyError:
+            self._memo[x] = out = x.subs(self.defaults)
+            return out
+        except TypeError:           # unhashable
+            return x.subs(self.defaults)
+
     def _check_at_defaults(self, rule, inputs: list[Value], attrs: dict, span):
         """Shapes that are only symbolically compatible must also agree at the default sizes."""
         if not self.defaults:
             return
-        at = {k: (v.subs(self.defaults) if hasattr(v, "subs") else v) for k, v in attrs.items()}
-        at = {k: (tuple(x.subs(self.defaults) if hasattr(x, "subs") else x for x in v) if isinstance(v, tuple) else v)
-              for k, v in at.items()}
-        types = [v.type.with_shape(tuple(d.subs(self.defaults) for d in v.type.shape)) for v in inputs]
+        at = {k: self._at_defaults(v) for k, v in attrs.items()}
+        at = {k: (tuple(self._at_defaults(x) for x in v) if isinstance(v, tuple) else v) for k, v in at.items()}
+        types = [v.type.with_shape(tuple(self._at_defaults(d) for d in v.type.shape)) for v in inputs]
         try:
             rule(types, at)
         except ShapeError as err:
