@@ -807,3 +807,269 @@ def test_lycheedecode_sparse_heads_attend_to_the_retrieval_heads_top_k():
         for h in range(1, H):                                      # sparse heads: dense attention on idx only
             w = torch.softmax(scores[b, h, 0, idx], -1)
             torch.testing.assert_close(got[b, 0, h], w @ v[b, idx, h], atol=1e-6, rtol=1e-5)
+
+
+# -- 48 Talking Heads ----------------------------------------------------------------------------------
+
+
+def test_talking_heads_svd_finds_a_planted_channel_and_ablating_it_silences_the_reader():
+    """Plant a rank-1 channel: layer 0 head 1 writes direction u, layer 1 head 0 queries with u. The
+    paper's weight analysis (per-head SVD, composition of a writer's W_OV with a reader's W_QK) finds
+    the pair; the model's residual intervention (alpha = 0 on u after layer 0) cuts the channel."""
+    (g,) = stdlib.graphs("talking_heads")
+    b = {"d": 16, "heads": 2}
+    p = init_params(g, b, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    d, dh = 16, 8
+    r = torch.randn(d, generator=gen)
+    u = torch.nn.functional.normalize(r - r.mean(), dim=0)            # mean-free: LayerNorm keeps it
+    w = torch.nn.functional.normalize(torch.randn(dh, generator=gen), dim=0)
+    p["layers.wo"][0, 1] = 3.0 * torch.outer(torch.ones(dh) / dh ** 0.5, u)
+    p["layers.wq"][1, 0] = 8.0 * torch.outer(u, w)
+    p["layers.wk"][1, 0] = 0.5 * torch.randn(d, dh, generator=gen)
+    p["layers.mlp.fc2.weight"].zero_()                                 # attention-only, as the analysis
+    ov = torch.einsum("lhde,lhef->lhdf", p["layers.wv"], p["layers.wo"])   # x -> x W_OV
+    qk = torch.einsum("lhde,lhfe->lhdf", p["layers.wq"], p["layers.wk"])   # scores = x W_QK y^T
+    # composition of every layer-0 writer with every layer-1 reader's query side
+    score = torch.tensor([[float(torch.linalg.matrix_norm(ov[0, a] @ qk[1, c])
+                                 / (torch.linalg.matrix_norm(ov[0, a]) * torch.linalg.matrix_norm(qk[1, c])))
+                           for c in range(2)] for a in range(2)])
+    assert divmod(int(score.argmax()), 2) == (1, 0) and score[1, 0] > 0.99 > 2 * score.flatten()[[0, 1, 3]].max()
+    _, _, vh = torch.linalg.svd(ov[0, 1])                              # the writer's top output direction ...
+    left, _, _ = torch.linalg.svd(qk[1, 0])                            # ... is the reader's top input direction
+    assert abs(vh[0] @ u) > 0.999 and abs(left[:, 0] @ u) > 0.999
+
+    tokens = torch.randint(0, 64, (2, 8), generator=gen)
+
+    def reader(channel, alpha):
+        return run(g, p, {"tokens": tokens, "channel": channel[:, None]}, dict(b, alpha=alpha))["patterns"][:, 1]
+
+    uniform = torch.tril(torch.ones(8, 8)) / torch.arange(1, 9)[:, None]
+    r = torch.randn(d, generator=gen)
+    other = torch.nn.functional.normalize(r - r.mean() - (r @ u) * u, dim=0)
+    base, cut, cut_other = reader(u, 1.0), reader(u, 0.0), reader(other, 0.0)
+    assert (base[:, 0] - uniform).abs().max() > 0.5                     # the reader attends sharply ...
+    torch.testing.assert_close(cut[:, 0], uniform.expand(2, 8, 8), atol=1e-4, rtol=0)   # ... only through u
+    assert (cut_other[:, 0] - uniform).abs().max() > 0.5               # another direction does not
+    torch.testing.assert_close(cut[:, 1], base[:, 1], atol=1e-2, rtol=0)   # the other head barely cares
+    torch.testing.assert_close(reader(u, 1.0), base)                    # alpha = 1 is no edit
+
+
+# -- 46 Sparsity and the curse of depth --------------------------------------------------------------
+
+
+def test_sparsity_cod_probes_read_the_residual_stream_and_skip_a_layer():
+    gs = {g.name: g for g in stdlib.graphs("sparsity_cod")}
+    g = gs["CoDDense"]
+    p = init_params(g, seed=0)
+    tokens = torch.randint(0, 64, (2, 6))
+    out = run(g, p, {"tokens": tokens})
+    h = out["hidden"]                                                    # [B, n_layers + 1, T, d]
+    torch.testing.assert_close(h[:, 0], p["embed.weight"][tokens])
+    torch.testing.assert_close(out["layer_var"], h[:, 1:].var(-1, unbiased=False).mean(-1), atol=1e-5, rtol=1e-4)
+    # skipping layer 1 makes it the identity; earlier layers are untouched, later ones see a new input
+    skipped = run(g, p, {"tokens": tokens}, {"skip": 1})["hidden"]
+    torch.testing.assert_close(skipped[:, :2], h[:, :2])
+    torch.testing.assert_close(skipped[:, 2], skipped[:, 1])
+    # the reference's causal effect of the skip on each later layer's update
+    base, mod = h[:, 3] - h[:, 2], skipped[:, 3] - skipped[:, 2]
+    assert ((mod - base).norm(dim=-1).mean() / base.norm(dim=-1).mean()) > 0.01
+    # GQA shares each key/value head among heads // kv_heads query heads
+    gqa = {q.name: q.type.shape for q in gs["CoDGQA"].params}
+    assert str(gqa["layers.attn.k.weight"][1]) == "d*kv_heads/heads"
+
+
+def test_sparsity_cod_moe_mixes_the_top_k_experts_and_keeps_variance_growth_lower():
+    gs = {g.name: g for g in stdlib.graphs("sparsity_cod")}
+    g = gs["CoDMoE"]
+    b = {"n_layers": 1, "top_k": 2}
+    p = init_params(g, b, seed=0)
+    p["layers.attn.o.weight"].zero_()                                    # the layer is x + MoE(x)
+    tokens = torch.randint(0, 64, (2, 5))
+    x = p["embed.weight"][tokens]
+    got = run(g, p, {"tokens": tokens}, b)["hidden"][:, 1]
+    F = torch.nn.functional
+    w = lambda n: p[f"layers.{n}"][0]                                    # noqa: E731
+    u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w("mlp_norm.weight")
+    probs = torch.softmax(u @ w("router.weight").T, -1)
+    top = probs.topk(2, dim=-1)
+    y = torch.zeros_like(x)
+    for j in range(2):                                                   # only the chosen experts run
+        e = top.indices[..., j]
+        expert = (F.silu(torch.einsum("btd,btfd->btf", u, w("w_gate")[e]))
+                  * torch.einsum("btd,btfd->btf", u, w("w_up")[e]))
+        y = y + top.values[..., j, None] * torch.einsum("btf,btdf->btd", expert, w("w_down")[e])
+    torch.testing.assert_close(got, x + y, atol=1e-5, rtol=1e-4)
+    # the curse of depth at initialisation: each Pre-LN layer adds variance; the gated experts add less
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    var = {}
+    for name in ("CoDDense", "CoDMoE"):
+        v = [run(gs[name], init_params(gs[name], {"n_layers": 6}, seed=s), {"tokens": tokens},
+                 {"n_layers": 6})["layer_var"].mean(0) for s in range(2)]
+        var[name] = torch.stack(v).mean(0)
+        assert (var[name][1:] > var[name][:-1]).all(), name
+    assert var["CoDMoE"][-1] < 0.95 * var["CoDDense"][-1]
+
+
+# -- 29 Locas --------------------------------------------------------------------------------------
+
+
+def test_locas_glu_memory_starts_as_a_no_op_and_merges_into_a_wider_ffn():
+    glu, _ = stdlib.graphs("locas")
+    p = init_params(glu, seed=0)
+    tokens = torch.randint(0, 64, (2, 6))
+    host = run(glu, p, {"tokens": tokens}, {"mem_scale": 0.0})["logits"]
+    torch.testing.assert_close(run(glu, p, {"tokens": tokens})["logits"], host)     # W_d^m = 0 at init
+    # a trained memory, permanentized: [W_g; W_g^m], [W_u; W_u^m], [W_d, s W_d^m] at width ffn + rank
+    p["layers.mem_down.weight"] = torch.randn_like(p["layers.mem_down.weight"]) * 0.1
+    s = 0.5
+    trained = run(glu, p, {"tokens": tokens}, {"mem_scale": s})["logits"]
+    wide = {"ffn": 68}
+    q = init_params(glu, wide, seed=1)
+    for k in q:
+        if ".mem_" not in k and k not in ("layers.gate.weight", "layers.up.weight", "layers.down.weight"):
+            q[k] = p[k]
+    q["layers.mem_down.weight"].zero_()
+    for name in ("gate", "up"):
+        q[f"layers.{name}.weight"] = torch.cat([p[f"layers.{name}.weight"], p[f"layers.mem_{name}.weight"]], 1)
+    q["layers.down.weight"] = torch.cat([p["layers.down.weight"], s * p["layers.mem_down.weight"]], 2)
+    torch.testing.assert_close(run(glu, q, {"tokens": tokens}, wide)["logits"], trained, atol=1e-5, rtol=1e-4)
+
+
+def test_locas_glu_activation_guided_cloning():
+    glu, _ = stdlib.graphs("locas")
+    p = init_params(glu, seed=0)
+    p["layers.attn.o.weight"][0].zero_()                     # layer 0's FFN reads the embeddings
+    tokens = torch.randint(0, 64, (2, 6))
+    energy = run(glu, p, {"tokens": tokens})["energy"]      # [B, n_layers, ffn]
+    x = p["embed.weight"][tokens]
+    u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * p["layers.mlp_norm.weight"][0]
+    act = torch.nn.functional.silu(u @ p["layers.gate.weight"][0].T) * (u @ p["layers.up.weight"][0].T)
+    torch.testing.assert_close(energy[:, 0], act.pow(2).sum(1), atol=1e-5, rtol=1e-4)
+    # clone the top-r neurons by energy: with W_d^m = W_d[:, top] and s = -1 the memory cancels exactly
+    # those host neurons, i.e. the memory computes what they compute
+    top = energy.sum(0).topk(4, dim=-1).indices             # [n_layers, rank]
+    cut = {k: v.clone() for k, v in p.items()}
+    for l in range(2):
+        for name in ("gate", "up"):
+            p[f"layers.mem_{name}.weight"][l] = p[f"layers.{name}.weight"][l][top[l]]
+        p["layers.mem_down.weight"][l] = p["layers.down.weight"][l][:, top[l]]
+        cut["layers.down.weight"][l][:, top[l]] = 0.0
+    torch.testing.assert_close(run(glu, p, {"tokens": tokens}, {"mem_scale": -1.0})["logits"],
+                               run(glu, cut, {"tokens": tokens})["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_locas_cloned_memory_learns_a_context_faster_than_a_random_one():
+    """Test-time training of the memory only (backbone frozen) on one sequence: the cloned init
+    reaches a lower loss than a random init of the same rank."""
+    cls = stdlib.load("locas", arch="LocasGLU")
+    tokens = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    loss = {}
+    for init in ("clone", "random"):
+        torch.manual_seed(0)
+        m = cls(rank=8, d=16, heads=2)
+        with torch.no_grad():
+            if init == "clone":
+                top = m(tokens)["energy"][0].topk(8, dim=-1).indices
+                for l in range(2):
+                    m.layers.mem_gate.weight[l] = m.layers.gate.weight[l][top[l]]
+                    m.layers.mem_up.weight[l] = m.layers.up.weight[l][top[l]]
+        opt = torch.optim.Adam([v for k, v in m.named_parameters() if ".mem_" in k], lr=1e-2)
+        for _ in range(8):
+            logits = m(tokens)["logits"]
+            loss[init] = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+            opt.zero_grad()
+            loss[init].backward()
+            opt.step()
+    assert loss["clone"] < loss["random"] - 0.1, loss
+
+
+def test_locas_mlp_keys_from_activations_address_their_positions_and_values_start_at_zero():
+    _, mlp = stdlib.graphs("locas")
+    p = init_params(mlp, seed=0)
+    tokens = torch.randint(0, 64, (1, 8))
+    out = run(mlp, p, {"tokens": tokens})
+    host = run(mlp, p, {"tokens": tokens}, {"mem_scale": 0.0})["logits"]
+    torch.testing.assert_close(out["logits"], host)                      # W_v^m = 0: a no-op
+    u = out["ffn_in"][0, 0]                                              # layer 0's normalised FFN inputs
+    key = torch.nn.functional.normalize(u[[1, 3, 5, 6]], dim=-1)         # 4 keys from 4 positions
+    assert torch.equal(torch.relu(u @ key.T).argmax(0), torch.tensor([1, 3, 5, 6]))
+    # the values' first gradient step from zero (the gradient-initialised value) lowers the loss
+    p["layers.mem_key.weight"][0] = key
+    v = p["layers.mem_value.weight"].clone().requires_grad_()
+    logits = run(mlp, dict(p, **{"layers.mem_value.weight": v}), {"tokens": tokens})["logits"]
+    before = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+    (grad,) = torch.autograd.grad(before, v)
+    assert grad[0].abs().sum() > 0
+    p["layers.mem_value.weight"] = -1.0 * grad
+    after = run(mlp, p, {"tokens": tokens})["logits"]
+    assert torch.nn.functional.cross_entropy(after[0, :-1], tokens[0, 1:]) < before
+
+
+# -- 37 Contextual Memory Reweaving ---------------------------------------------------------------------
+
+
+def test_cmr_reweaves_every_layers_past_latent_states_through_a_gate():
+    (g,) = stdlib.graphs("cmr_reweave")
+    p = init_params(g, seed=0)
+    tokens = torch.randint(0, 64, (2, 6))
+    out = run(g, p, {"tokens": tokens})
+    lat = out["latents"]                                                 # [B, n_layers, T, d]
+    # by hand from the cached latents: 4 heads over (layer j, position t' < t) entries
+    w = lambda n: p[f"reweave.{n}"]                                      # noqa: E731
+    h = lat[:, -1]
+    q = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w("norm.weight")) @ w("query.weight").T
+    k = torch.einsum("bltd,led->blte", lat, w("key")).flatten(1, 2)
+    v = torch.einsum("bltd,led->blte", lat, w("value")).flatten(1, 2)
+    split = lambda z: z.unflatten(-1, (4, 8)).transpose(1, 2)            # noqa: E731
+    scores = split(q) @ split(k).transpose(-1, -2) / 8 ** 0.5           # [B, H, T, L*T]
+    t = torch.arange(6)
+    allowed = (t[:, None] > t[None, :]).repeat(1, 3)                     # entry (j, t') sits at j*T + t'
+    r = (torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ split(v))
+    r = r.transpose(1, 2).flatten(-2)
+    gate = torch.sigmoid(torch.cat([h, r], -1) @ w("gate.weight").T + w("gate.bias"))
+    y = h + gate * (r @ w("out.weight").T)
+    torch.testing.assert_close(out["gate"], gate, atol=1e-5, rtol=1e-4)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * p["norm.weight"]
+    torch.testing.assert_close(out["logits"], y @ p["head.weight"].T, atol=1e-5, rtol=1e-4)
+    # causal: token 4 changes nothing before it; position 0 has no past to reweave
+    t2 = tokens.clone()
+    t2[:, 4] = (t2[:, 4] + 1) % 64
+    other = run(g, p, {"tokens": t2})["logits"]
+    torch.testing.assert_close(other[:, :4], out["logits"][:, :4])
+    closed = dict(p, **{"reweave.gate.bias": torch.full_like(p["reweave.gate.bias"], -1e4)})
+    plain = run(g, closed, {"tokens": tokens})["logits"]                 # a closed gate is the plain decoder
+    torch.testing.assert_close(plain[:, 0], out["logits"][:, 0])
+    assert not torch.allclose(plain[:, 1:], out["logits"][:, 1:])
+
+
+# -- 35 MEMO -------------------------------------------------------------------------------------------
+
+
+def test_memo_concatenates_one_specialized_block_per_task_over_shared_generalized_blocks():
+    (g,) = stdlib.graphs("memo_cil")
+    p = {k: v.requires_grad_() for k, v in init_params(g, seed=0).items()}
+    x = torch.randn(3, 12, 16)
+    out = run(g, p, {"x": x}, {"tasks": 2})
+    f = out["features"]                                                  # [B, max_tasks, feat]
+    assert f[:, 2:].abs().max() == 0 and out["logits"].shape == (3, 4) and out["aux_logits"].shape == (3, 3)
+    # the expanded classifier over the concatenated features of the 2 blocks, on the 4 classes seen so far
+    w_cat = torch.cat([p["fc.weight"][0], p["fc.weight"][1]], dim=1)      # [classes, 2 * feat]
+    ref = torch.cat([f[:, 0], f[:, 1]], dim=1) @ w_cat.T + p["fc_bias"]
+    torch.testing.assert_close(out["logits"], ref[:, :4], atol=1e-5, rtol=1e-4)
+    # the auxiliary head reads the newest block only: its loss reaches block 1, not block 0
+    out["aux_logits"].sum().backward(retain_graph=True)
+    assert p["special.conv1.weight"].grad[1].abs().sum() > 0 and p["special.conv1.weight"].grad[0].abs().sum() == 0
+    assert p["aux.weight"].grad[1].abs().sum() > 0 and p["aux.weight"].grad[[0, 2]].abs().sum() == 0
+    # blocks of tasks not seen yet take no part
+    for q in p.values():
+        q.grad = None
+    out["logits"].sum().backward()
+    assert p["special.conv1.weight"].grad[2:].abs().sum() == 0 and p["stem.weight"].grad.abs().sum() > 0
+    # a new task adds a block: the old blocks' features are unchanged and the old classes' logits move
+    # only by the new block's slice of the classifier
+    with torch.no_grad():
+        grown = run(g, p, {"x": x}, {"tasks": 3})
+        torch.testing.assert_close(grown["features"][:, :2], f[:, :2])
+        new = grown["features"][:, 2] @ p["fc.weight"][2].T
+        torch.testing.assert_close(grown["logits"][:, :4], out["logits"] + new[:, :4], atol=1e-5, rtol=1e-4)
