@@ -220,6 +220,47 @@ def test_selectivbench_generator_follows_its_grammar_with_rule_breaking_gaps():
     assert torch.equal(selectivbench_batch(gr, 4, 64, gap_prob=0.5, seed=1)[0], tokens)
 
 
+# -- 11 HTM sequence memory -----------------------------------------------------------------------------
+
+
+def _htm_stream(seqs, reps):
+    sdr = lambda sym: torch.zeros(32).index_fill_(0, torch.arange(4 * sym, 4 * sym + 4), 1.0)   # noqa: E731
+    stream = [s for _ in range(reps) for q in seqs for s in q]
+    starts = [i == 0 for _ in range(reps) for q in seqs for i in range(len(q))]
+    return stream, torch.stack([sdr(s) for s in stream])[None], torch.tensor(starts)[None]
+
+
+def test_htm_learns_high_order_sequences_online():
+    """A-B-C-D and X-B-C-Y share B-C: after 20 online presentations of each (Hebbian learning in the
+    forward pass, no gradients), the prediction made at C depends on the first element."""
+    (g,) = stdlib.graphs("htm_seqmem")
+    A, B, C, D, X, Y = range(6)
+    stream, x, reset = _htm_stream([[A, B, C, D], [X, B, C, Y]], 20)
+    with torch.no_grad():
+        out = run(g, init_params(g, seed=0), {"x": x, "reset": reset, "perm": torch.zeros(1, 128, 128)})
+    columns = lambda t: set((out["predicted"][0, t].nonzero().flatten() // 4).tolist())      # noqa: E731
+    for r in range(17, 20):                                          # the last presentations
+        a, xs = 8 * r, 8 * r + 4
+        assert columns(a + 2) == {D} and columns(xs + 2) == {Y}       # at C: D after A, Y after X
+        assert columns(a) == {B} and columns(xs) == {B}
+        assert out["anomaly"][0, a + 1:a + 4].abs().max() == 0 and out["anomaly"][0, xs + 1:xs + 4].abs().max() == 0
+        assert out["anomaly"][0, a] == 1                              # a sequence start is never predicted
+    assert out["next_perm"].max() <= 1 and out["next_perm"].min() >= 0
+
+
+def test_htm_state_carries_across_calls_and_learn_0_freezes_it():
+    (g,) = stdlib.graphs("htm_seqmem")
+    p = init_params(g, seed=0)
+    _, x, reset = _htm_stream([[0, 1, 2, 3]], 8)
+    perm = run(g, p, {"x": x, "reset": reset, "perm": torch.zeros(1, 128, 128)})["next_perm"]
+    frozen = run(g, p, {"x": x, "reset": reset, "perm": perm}, {"learn": 0.0})
+    assert torch.equal(frozen["next_perm"], perm)
+    assert frozen["anomaly"][0, 1:4].abs().max() == 0                  # the learned sequence is predicted
+    p = {k: v.requires_grad_(True) for k, v in p.items()}
+    run(g, p, {"x": x, "reset": reset, "perm": perm})["logits"].sum().backward()
+    assert p["classifier.weight"].grad.abs().sum() > 0                 # the SDR classifier is the trained part
+
+
 # -- 12 HCAM ------------------------------------------------------------------------------------------
 
 
@@ -334,6 +375,52 @@ def test_hier_memory_blocks_learn_only_from_contexts_routed_to_them():
     tokens = torch.randint(0, 64, (1, 6))
     a, b = (run(g, no_memory, {"tokens": tokens, "path": torch.tensor([pth])})["logits"] for pth in ([0, 4], [3, 19]))
     assert torch.equal(a, b)                                      # without memory values: the anchor alone
+
+
+# -- 18 Synaptic resonance (a reconstruction) -----------------------------------------------------------
+
+
+def test_synaptic_resonance_is_a_relevance_gated_hebbian_fast_weight():
+    """The parallel form equals the explicit weight recurrence F_{t+1} = decay F_t + eta r_t post pre^T,
+    token t using W + F_t; with zero relevance the layer is the plain FFN."""
+    ffn_arch, _ = stdlib.graphs("synaptic_resonance")
+    gen = torch.Generator().manual_seed(0)
+    p = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in init_params(ffn_arch, seed=0).items()}
+    x = torch.randn(2, 7, 32, generator=gen)
+    y = run(ffn_arch, p, {"x": x})["y"]
+    z = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * p["norm.weight"]
+    pre = torch.nn.functional.normalize(torch.nn.functional.gelu(z @ p["ffn_layer.up.weight"].T), dim=-1, eps=1e-6)
+    W = p["ffn_layer.down.weight"]
+    r = torch.sigmoid(z @ p["ffn_layer.relevance.weight"].T + p["ffn_layer.relevance.bias"])[..., 0]
+    F, ys = torch.zeros(2, 32, 64), []
+    for t in range(7):
+        ys.append(((W + F) @ pre[:, t, :, None])[..., 0])
+        post = pre[:, t] @ W.T
+        F = 0.9 * F + 0.5 * r[:, t, None, None] * post[:, :, None] * pre[:, t, None, :]
+    torch.testing.assert_close(y, torch.stack(ys, 1), atol=1e-5, rtol=1e-4)
+    p["ffn_layer.relevance.bias"] = torch.full((1,), -1e4)              # nothing is relevant
+    torch.testing.assert_close(run(ffn_arch, p, {"x": x})["y"], pre @ W.T, atol=1e-6, rtol=1e-5)
+
+
+# -- 22 Phonetic Trajectory Memory ----------------------------------------------------------------------
+
+
+def test_ptm_resonance_decodes_the_stream_from_its_rotation_trajectory():
+    (g,) = stdlib.graphs("ptm_resonance")                    # 48 symbols, a 16-circle torus
+    assert [q.name for q in g.params] == ["head.weight", "head.bias"]   # the encoding is not learned
+    phones = torch.randint(0, 48, (2, 200))
+    out = run(g, init_params(g, seed=0), {"phones": phones})
+    r = out["resonance"]
+    assert torch.equal(r.argmax(-1), phones)
+    torch.testing.assert_close(r.max(-1).values, torch.full((2, 200), 16.0), atol=1e-3, rtol=0)
+    assert r.topk(2, -1).values[..., 1].max() < 16 - 2                  # a clear margin to every other symbol
+    # the points are on the torus; rotations commute, so the end point keeps counts, the path keeps order
+    traj = out["trajectory"].view(2, 200, 2, 16)
+    torch.testing.assert_close(traj.pow(2).sum(2), torch.ones(2, 200, 16))
+    shuffled = phones[:, torch.randperm(200)]
+    other = run(g, init_params(g, seed=0), {"phones": shuffled})["trajectory"]
+    torch.testing.assert_close(other[:, -1], out["trajectory"][:, -1], atol=2e-3, rtol=0)
+    assert not torch.allclose(other[:, 100], out["trajectory"][:, 100], atol=1e-2)
 
 
 # -- 40 TRM + CGAR -----------------------------------------------------------------------------------
