@@ -270,7 +270,7 @@ def _embedding(ins, attrs):
     ids, table = ins
     if ids.dtype is not I64:
         raise ShapeError(f"embedding ids must be i64, got {ids}")
-    return [TensorType(F32, ids.shape + table.shape[1:])]
+    return [TensorType(table.dtype, ids.shape + table.shape[1:])]     # rows keep the table's dtype
 
 
 def _gather(ins, attrs):

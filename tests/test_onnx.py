@@ -277,6 +277,27 @@ def test_op_zoo_matches_interpreter(arch):
     _check(_run(sess, _feeds(inputs)), run(g, _torch_weights(w), inputs))
 
 
+LOOKUP_I64 = """
+# lookup in an i64 table (CHEEM's per-task structure tables): the rows keep the table's dtype
+arch L(n: int = 3) {
+  input x: f32[B, T, n]
+  input table: i64[n]
+  layer lin = Linear(n, n)
+  o = lookup(table, argmax(x[:, 0], axis = -1))
+  output y = lin(x) * unsqueeze(unsqueeze(float(o >= 1), -1), -1)
+  output o
+}
+"""
+
+
+def test_lookup_in_an_integer_table_keeps_its_dtype():
+    (g,) = api.check(LOOKUP_I64)
+    assert next(n for n in g.walk() if n.op is Op.EMBEDDING).outputs[0].type.dtype is DType.I64
+    w = seeded_weights(g, seed=0)
+    inputs = {"x": torch.randn(2, 4, 3), "table": torch.tensor([0, 2, 1])}
+    _check(_run(session(export_forward(g, w).model, threads=1), _feeds(inputs)), run(g, _torch_weights(w), inputs))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.arch")), ids=lambda p: p.stem)
 def test_examples_match_interpreter(path):
     for g in api.check(path):

@@ -377,6 +377,69 @@ def test_hier_memory_blocks_learn_only_from_contexts_routed_to_them():
     assert torch.equal(a, b)                                      # without memory values: the anchor alone
 
 
+# -- 17 CHEEM --------------------------------------------------------------------------------------------
+
+_CHEEM = {"n_blocks": 3, "d": 16, "patches": 4}
+_CHEEM_OP = torch.tensor([[1, 1, 1], [0, 2, 1], [1, 1, 1]])        # task 1: skip, adapt, new
+_CHEEM_VERSION = torch.tensor([[0, 0, 0], [0, 1, 2], [0, 0, 0]])   # task 2 reuses task 0 everywhere
+
+
+def _cheem_setup():
+    (g,) = stdlib.graphs("cheem")
+    p = init_params(g, _CHEEM, seed=0)
+    images = torch.randn(3, 4, 48, generator=torch.Generator().manual_seed(0))
+    p["centroids"] = _cheem(p, images)["query"]                     # one prototype image per task
+    return p, images
+
+
+def _cheem(p, images, op=_CHEEM_OP, version=_CHEEM_VERSION):
+    (g,) = stdlib.graphs("cheem")
+    return run(g, p, {"images": images, "op": op, "version": version}, _CHEEM)
+
+
+def test_cheem_infers_the_task_from_centroids_and_runs_its_structure_per_sample():
+    p, images = _cheem_setup()
+    out = _cheem(p, images[[2, 0, 1]])
+    assert out["task"].tolist() == [2, 0, 1]
+    alone = torch.cat([_cheem(p, images[[i]])["logits"] for i in (2, 0, 1)])
+    torch.testing.assert_close(out["logits"], alone, atol=1e-5, rtol=1e-4)   # each sample its own structure
+    # task 2 reuses task 0's modules: with the same head it computes the same function
+    p["classifier.weight"][2], p["classifier.bias"][2] = p["classifier.weight"][0], p["classifier.bias"][0]
+    swapped = dict(p, centroids=p["centroids"][[2, 1, 0]])           # image 2 now maps to task 0
+    assert _cheem(swapped, images[[2]])["task"].tolist() == [0]
+    torch.testing.assert_close(_cheem(swapped, images[[2]])["logits"], _cheem(p, images[[2]])["logits"])
+
+
+def test_cheem_skip_and_adapt_ops():
+    p, images = _cheem_setup()
+    base = _cheem(p, images[[1]])["logits"]
+    # skip at block 0 = running a projection that is the identity (version 2, which task 0 does not use)
+    ident = {k: v.clone() for k, v in p.items()}
+    ident["vit.proj.weight"][0 * 3 + 2] = torch.eye(16)
+    ident["vit.proj.bias"][0 * 3 + 2] = 0
+    op, version = _CHEEM_OP.clone(), _CHEEM_VERSION.clone()
+    op[1, 0], version[1, 0] = 1, 2
+    torch.testing.assert_close(_cheem(ident, images[[1]], op, version)["logits"], base, atol=1e-5, rtol=1e-4)
+    # adapt with a silent adapter = reuse of the same version
+    op = _CHEEM_OP.clone()
+    op[1, 1] = 1
+    assert not torch.allclose(_cheem(p, images[[1]], op=op)["logits"], base)
+    p["vit.adapt.fc2.weight"][1 * 3 + 1] = 0                         # block 1, task 1
+    p["vit.adapt.fc2.bias"][1 * 3 + 1] = 0
+    torch.testing.assert_close(_cheem(p, images[[1]])["logits"], _cheem(p, images[[1]], op=op)["logits"])
+
+
+def test_cheem_a_tasks_loss_reaches_only_the_modules_of_its_structure():
+    p, images = _cheem_setup()
+    p = {k: v.requires_grad_(True) for k, v in p.items()}
+    _cheem(p, images[[1, 1]])["logits"].pow(2).sum().backward()
+    used = lambda name: (p[name].grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist()   # noqa: E731
+    assert used("vit.proj.weight") == [1 * 3 + 1, 2 * 3 + 2]              # block 0 skips; versions 1, 2
+    assert used("vit.adapt.fc1.weight") == [1 * 3 + 1]                    # task 1's adapter at block 1
+    assert used("classifier.weight") == [1]
+    assert p["centroids"].grad is None or not p["centroids"].grad.any()
+
+
 # -- 18 Synaptic resonance (a reconstruction) -----------------------------------------------------------
 
 
@@ -421,6 +484,59 @@ def test_ptm_resonance_decodes_the_stream_from_its_rotation_trajectory():
     other = run(g, init_params(g, seed=0), {"phones": shuffled})["trajectory"]
     torch.testing.assert_close(other[:, -1], out["trajectory"][:, -1], atol=2e-3, rtol=0)
     assert not torch.allclose(other[:, 100], out["trajectory"][:, 100], atol=1e-2)
+
+
+# -- 23 Nested Learning / Hope ---------------------------------------------------------------------------
+
+
+def test_hope_memories_learn_from_values_they_generate_themselves():
+    """After one chunk, M_k's weights are one decayed gradient step of sum_t eta_t |M_k(k_t) - M_k(v_t)|^2
+    with the self-generated target M_k(v_t) held fixed; k, v, eta, alpha come from the other memories."""
+    (g,) = stdlib.graphs("hope_nested")
+    p = init_params(g, seed=0)
+    tokens = torch.randint(0, 64, (2, 4))                          # one chunk
+    out = run(g, p, {"tokens": tokens})
+    F = torch.nn.functional
+    x = p["embed.weight"][tokens]
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * p["norm.weight"]
+    W = {m: [p[f"titans.{m}.w{i}"] for i in (0, 1)] for m in ("m_key", "m_value", "m_eta", "m_alpha")}
+    mem = lambda ws, z: F.gelu(z @ ws[0].transpose(-1, -2)) @ ws[1].transpose(-1, -2)      # noqa: E731
+    k = F.normalize(mem(W["m_key"], x), dim=-1, eps=1e-6)
+    v = mem(W["m_value"], x)
+    eta = 0.1 * torch.sigmoid(mem(W["m_eta"], x).mean(-1))
+    alpha = torch.sigmoid(mem(W["m_alpha"], x).mean(-1).mean(1))
+    target = mem(W["m_key"], v)
+    W0, W1 = (w.expand(2, -1, -1).clone().requires_grad_() for w in W["m_key"])
+    loss = ((mem((W0, W1), k) - target).pow(2).mean(-1) * eta).sum()
+    G0, G1 = torch.autograd.grad(loss, (W0, W1))
+    for name, Wi, Gi in (("key_w0", W0, G0), ("key_w1", W1, G1)):
+        torch.testing.assert_close(out[name], (1 - alpha)[:, None, None] * Wi.detach() - Gi, atol=1e-5, rtol=1e-4)
+
+
+def test_hope_cms_levels_change_exactly_at_their_update_frequencies():
+    """The training loop of the Continuum Memory System: gradients accumulate every step, and level l
+    steps its parameters only when the schedule says ((step + 1) % C_l == 0)."""
+    from archc.api import load
+    m = load(stdlib.path("hope_nested"))(d=8, c_fast=1, c_mid=2, c_slow=4)
+    levels = {name: [q for n, q in m.named_parameters() if n.startswith(f"cms_{name}.")] for name in ("fast", "mid", "slow")}
+    rest = [q for n, q in m.named_parameters() if not n.startswith("cms_")]
+    opts = {name: torch.optim.SGD(ps, lr=0.1) for name, ps in levels.items()}
+    main = torch.optim.SGD(rest, lr=0.1)
+    tokens = torch.randint(0, 64, (2, 4))
+    changed = {name: [] for name in levels}
+    for step in range(4):
+        before = {name: [q.detach().clone() for q in ps] for name, ps in levels.items()}
+        flags = m.schedule_cms(step)
+        torch.nn.functional.cross_entropy(m(tokens)["logits"].flatten(0, 1), tokens.flatten()).backward()
+        main.step()
+        main.zero_grad()
+        for name, opt in opts.items():
+            if flags[f"update_{name}"]:
+                opt.step()
+                opt.zero_grad()
+        for name, ps in levels.items():
+            changed[name].append(not all(torch.equal(a, q) for a, q in zip(before[name], ps)))
+    assert changed == {"fast": [True] * 4, "mid": [False, True, False, True], "slow": [False] * 3 + [True]}
 
 
 # -- 40 TRM + CGAR -----------------------------------------------------------------------------------
