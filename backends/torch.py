@@ -103,6 +103,9 @@ class _Emitter:
         self.consts: set[str] = set()        # inlined consts (Python scalars)
         self.uses_kv = any((n.op is Op.ATTEND and n.attr("kv_share")) or n.op is Op.KV_READ for n in g.walk())
         self.defs = {o.name: n for n in g.walk() for o in n.outputs}   # SSA: value -> defining node
+        # positions of a compacting route: strictly increasing per sample (route_select sorts them)
+        self.sorted_pos = {n.regions[0].args[1].name for n in g.walk()
+                           if n.op is Op.ROUTE_TOPK and n.attr("schedule") != "mask"}
         self.kv_owner: dict[tuple[str, str], str] = {}   # cached step: (k, v) -> the cache key that stores them
         self.read: set[str] = set(g.body.results)      # every value some node or region reads
         for n in g.walk():
@@ -387,6 +390,9 @@ def _attend(em, n, ins):
         args.append(f"mask={mask}")
     if qpos:
         args += [f"qpos={qpos}", f"kpos={kpos}"]
+        names = attend_operands(n, list(n.inputs))
+        if names[4] == names[5] and names[4] in getattr(em, "sorted_pos", ()):
+            args.append("sorted_pos=True")
     return f"{em.rt('attention')}({', '.join(args)})"
 
 

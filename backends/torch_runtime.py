@@ -40,18 +40,22 @@ def repeat_kv(k, v, heads: int):
     return k, v
 
 
-def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, mask=None, qpos=None, kpos=None):
+def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, mask=None, qpos=None, kpos=None,
+              sorted_pos: bool = False):
     """Scaled dot-product attention on [B, T, H, D] with grouped KV heads; fully masked rows give 0.
 
     causal/window compare positions (qpos/kpos, default: queries are the last Tq of Tk positions);
     the first `prefix` keys are visible to every query; `mask` ([Tq, Tk] or [B, Tq, Tk]) is true
-    where attending is allowed. Runs on F.scaled_dot_product_attention (fused kernels).
+    where attending is allowed. `sorted_pos`: qpos is kpos and strictly increasing per sample (a
+    compacting route's positions), so causal order by position is causal order by index. Runs on
+    F.scaled_dot_product_attention (fused kernels).
     """
     B, Tq, H = q.shape[:3]
     Tk = k.shape[1]
     k, v = repeat_kv(k, v, H)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if mask is None and not window and (not causal or (not prefix and qpos is None and kpos is None and Tq == Tk)):
+    by_index = qpos is None and kpos is None or sorted_pos
+    if mask is None and not window and (not causal or (not prefix and by_index and Tq == Tk)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
     allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
     if causal or window:
