@@ -3,6 +3,8 @@
 (Forward/backward at tiny sizes, golden IR and backend agreement for every stdlib model are in
 test_stdlib.py and test_torch_backend.py; reference-implementation parity is in test_parity.py.)
 """
+import math
+
 import pytest
 import torch
 
@@ -537,6 +539,79 @@ def test_hope_cms_levels_change_exactly_at_their_update_frequencies():
         for name, ps in levels.items():
             changed[name].append(not all(torch.equal(a, q) for a, q in zip(before[name], ps)))
     assert changed == {"fast": [True] * 4, "mid": [False, True, False, True], "slow": [False] * 3 + [True]}
+
+
+# -- 24 Diffusion-forcing sampler for recurrent-depth models ------------------------------------------------
+
+
+def _huginn(**kw):
+    from archc.api import load
+    from archc.backends.torch import state_key
+    (g,) = stdlib.graphs("rdepth_diffusion_sampler")
+    m = load(stdlib.path("rdepth_diffusion_sampler"))(**kw).eval()
+    m.load_state_dict({state_key(k): v for k, v in init_params(g, kw, seed=0).items()})
+    return m
+
+
+def _ar_generate(m, prompt, new_tokens, r):
+    """Autoregressive decoding by hand: each new position runs r recurrences, earlier ones frozen."""
+    B, P = prompt.shape
+    tokens, state = prompt, torch.zeros(B, P, m.d)
+    m.steps = r
+    with torch.no_grad():
+        out = m(tokens=tokens, state=state, frozen=torch.zeros(B, P, dtype=torch.bool))
+        for _ in range(new_tokens):
+            tokens = torch.cat([tokens, out["logits"][:, -1:].argmax(-1)], 1)
+            state = torch.cat([out["next_state"], torch.zeros(B, 1, m.d)], 1)
+            frozen = torch.arange(tokens.shape[1]) < tokens.shape[1] - 1
+            out = m(tokens=tokens, state=state, frozen=frozen.expand(B, -1))
+    return tokens
+
+
+def test_diffusion_sampler_with_a_one_token_wavefront_is_autoregressive_decoding():
+    from archc.sampling import diffusion_forcing_generate
+    m = _huginn()
+    prompt = torch.randint(0, 64, (2, 3))
+    got, passes = diffusion_forcing_generate(m, prompt, 6, inner=4, max_wavefront=1, exit_threshold=float("inf"),
+                                             init_std=0.0)
+    assert torch.equal(got, _ar_generate(m, prompt, 6, r=4)) and passes == 1 + 6
+
+
+def test_diffusion_sampler_refines_a_wavefront_in_parallel_and_freezes_converged_positions():
+    """With a recurrence that converges in one step (the adapter ignores the state), positions freeze
+    as soon as their state stops moving: the sampler keeps several positions in flight, decodes the
+    same tokens as autoregressive decoding with 4 recurrences per token, and each pass costs one."""
+    from archc.sampling import diffusion_forcing_generate
+    m = _huginn()
+    with torch.no_grad():
+        m.adapter.weight[:, :m.d] = 0
+    prompt = torch.randint(0, 64, (2, 3))
+    widths = []
+    real_run = m.forward
+
+    def counting(**kw):
+        widths.append(int((~kw["frozen"][0]).sum()))
+        return real_run(**kw)
+    m.forward = counting
+    got, passes = diffusion_forcing_generate(m, prompt, 8, inner=1, max_wavefront=4, headway=2, exit_threshold=1e-4)
+    m.forward = real_run
+    assert torch.equal(got, _ar_generate(m, prompt, 8, r=4))
+    assert max(widths) > 1                                   # several positions refined in one pass
+    assert passes < 1 + 8 * 2                                # fewer passes than two per token
+
+
+def test_huginn_depth_schedules_and_truncated_backprop():
+    (g,) = stdlib.graphs("rdepth_diffusion_sampler")
+    lam = [schedule_values(g, "rate", z)["lam"] for z in (-1.0, 0.0, 1.0)]
+    assert lam[1] == pytest.approx(4.0 * math.exp(-0.125)) and lam[0] < lam[1] < lam[2]
+    assert schedule_values(g, "depth", 5)["steps"] == 6
+    p = {k: v.requires_grad_(True) for k, v in init_params(g, seed=0).items()}
+    for steps, reaches_init in ((2, True), (5, False)):                 # grad_steps = 2
+        state = torch.randn(2, 4, 32, requires_grad=True)
+        out = run(g, p, {"tokens": torch.randint(0, 64, (2, 4)), "state": state,
+                         "frozen": torch.zeros(2, 4, dtype=torch.bool)}, {"steps": steps})
+        out["logits"].sum().backward()
+        assert (state.grad is not None and state.grad.abs().sum() > 0) == reaches_init, steps
 
 
 # -- 40 TRM + CGAR -----------------------------------------------------------------------------------
