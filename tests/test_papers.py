@@ -1351,3 +1351,226 @@ def test_memo_concatenates_one_specialized_block_per_task_over_shared_generalize
         torch.testing.assert_close(grown["features"][:, :2], f[:, :2])
         new = grown["features"][:, 2] @ p["fc.weight"][2].T
         torch.testing.assert_close(grown["logits"][:, :4], out["logits"] + new[:, :4], atol=1e-5, rtol=1e-4)
+
+
+# -- 45 Dual Memory Networks ---------------------------------------------------------------------------
+
+
+def test_dmn_reads_both_memories_by_the_interactive_rule():
+    (g,) = stdlib.graphs("dmn_clip")
+    p = init_params(g, seed=0)
+    for k in ("q_bias", "key_bias", "value_bias", "out_bias", "text_bias"):
+        p[k] = 0.1 * torch.randn_like(p[k])                              # fitted biases (few-shot mode)
+    images = torch.randn(2, 1, 32)
+    out = run(g, p, {"images": images}, {"w_dyn": 0.0})
+    F = torch.nn.functional
+    f = F.normalize(images[:, 0], dim=-1)
+    p_text = torch.softmax(100 * f @ F.normalize(p["text"] + p["text_bias"], dim=-1).T, -1)
+    q = F.normalize(f + p["q_bias"], dim=-1)
+    k = F.normalize(p["shots"] + p["key_bias"][:, None], dim=-1)          # [classes, n_shot, d]
+    v = F.normalize(p["shots"] + p["value_bias"][:, None], dim=-1)
+    a = torch.exp(-5.5 * (1 - torch.einsum("bd,cnd->bcn", q, k)))
+    proto = F.normalize(F.normalize(torch.einsum("bcn,cnd->bcd", a, v), dim=-1) + p["out_bias"], dim=-1)
+    p_static = torch.softmax(100 * torch.einsum("bcd,bd->bc", proto, f), -1)
+    torch.testing.assert_close(out["probs"][:, 0], p_text + p_static, atol=1e-5, rtol=1e-4)
+
+
+def test_dmn_dynamic_memory_keeps_the_most_certain_features_per_pseudo_label():
+    (g,) = stdlib.graphs("dmn_clip")
+    b = {"classes": 2, "slots": 2, "scale": 10.0}
+    p = init_params(g, b, seed=0)
+    e = torch.eye(32)
+    p["text"] = e[:2].clone()
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.tensor([0.3, 0.9, 0.5, 0.7, 0.2, 0.8])                  # weight on class 0's direction
+    feats = torch.nn.functional.normalize(conf[:, None] * e[0] + 0.1 * torch.randn(6, 32, generator=gen), dim=-1)
+    out = run(g, p, {"images": feats[None]}, b)
+    probs = torch.softmax(10 * feats @ p["text"].T, -1)
+    ent = -(probs * torch.log(probs + 1e-8)).sum(-1)
+    to0 = probs.argmax(-1) == 0
+    keep = ent.masked_fill(~to0, float("inf")).topk(2, largest=False).indices
+    assert out["memory_valid"][0, 0].all() and not out["memory_valid"][0, 1].any()
+    got = sorted(out["memory_entropy"][0, 0].tolist())
+    torch.testing.assert_close(torch.tensor(got), ent[keep].sort().values, atol=1e-5, rtol=1e-4)
+    kept = {tuple(torch.round(r, decimals=4).tolist()) for r in out["memory"][0, 0]}
+    assert kept == {tuple(torch.round(feats[i], decimals=4).tolist()) for i in keep.tolist()}
+
+
+def test_dmn_dynamic_memory_beats_zero_shot_on_a_test_stream():
+    """Class clusters seen through noisy text prototypes: the memory of pseudo-labelled test features
+    classifies the second half of the stream better than the zero-shot classifier."""
+    (g,) = stdlib.graphs("dmn_clip")
+    C, d, T = 5, 32, 100
+    zero_shot, dynamic = [], []
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        means = torch.nn.functional.normalize(torch.randn(C, d, generator=gen), dim=-1)
+        p = init_params(g, seed=0)
+        p["text"] = torch.nn.functional.normalize(means + 0.6 * torch.randn(C, d, generator=gen), dim=-1)
+        labels = torch.randint(0, C, (T,), generator=gen)
+        feats = torch.nn.functional.normalize(means[labels] + 0.25 * torch.randn(T, d, generator=gen), dim=-1)
+        out = run(g, p, {"images": feats[None]}, {"w_sta": 0.0})
+        zero_shot.append(((feats @ p["text"].T).argmax(-1) == labels)[T // 2:].float().mean())
+        dynamic.append((out["dynamic"][0].argmax(-1) == labels)[T // 2:].float().mean())
+    assert sum(dynamic) / 4 > sum(zero_shot) / 4 + 0.1, (dynamic, zero_shot)
+
+
+# -- 36 GBi-Net ----------------------------------------------------------------------------------------
+
+
+def _gbinet_plane_sweep(C=32, steps=6):
+    """GBi-Net with identity features and its refinement at zero: the cost is plain correlation."""
+    (g,) = stdlib.graphs("gbinet_mvs")
+    b = {"c_in": C, "hidden": 2 * C, "feat": C, "groups": 4, "steps": steps}
+    p = init_params(g, b, seed=0)
+    eye = torch.eye(C)
+    for k in ("features.conv1.weight", "features.conv2.weight"):
+        p[k].zero_()
+    p["features.conv1.weight"][:, :, 1] = torch.cat([eye, -eye], 0)     # relu(x) - relu(-x) = x
+    p["features.conv2.weight"][:, :, 1] = torch.cat([eye, -eye], 1)
+    return g, b, p
+
+
+def test_gbinet_binary_search_with_tolerance_bins_finds_the_depth():
+    g, b, p = _gbinet_plane_sweep()
+    tex = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(0))   # a textured scanline
+    width = 3.0 / 4 / 2 ** 5                                             # the last node's width
+    for disp in (4, 3):                                                  # depth = fb / disparity
+        ref, src = tex[:, :24], tex[:, disp:disp + 24]
+        out = run(g, p, {"ref": ref, "src": src}, b)
+        assert (out["depth"][:, 8:] - 8.0 / disp).abs().max() <= width   # pixels whose hypotheses all see src
+        e = out["edges"]                                                 # [B, steps, T, 5]
+        assert torch.equal(e[:, 0], torch.tensor([1.0, 1.75, 2.5, 3.25, 4.0]).expand(2, 24, 5))
+        for s in range(1, 6):                                            # two halves + a tolerance bin each side
+            w = e[:, s, :, 1:] - e[:, s, :, :-1]
+            inside = (e[:, s, :, 0] > 1.0) & (e[:, s, :, 4] < 4.0)
+            torch.testing.assert_close(w[inside], torch.full_like(w[inside], 0.75 / 2 ** s))
+        # step 1's logits are the group correlations at the 4 bin centres, summed over groups
+        d = torch.tensor([1.375, 2.125, 2.875, 3.625])
+        pos = (torch.arange(24.0)[:, None] - 8.0 / d).clamp(0, 23)
+        i0 = pos.floor().long()
+        frac = (pos - i0)[..., None]
+        warped = src[:, i0] * (1 - frac) + src[:, (i0 + 1).clamp(max=23)] * frac   # [B, T, 4, C]
+        corr = (ref[:, :, None] * warped).reshape(2, 24, 4, 4, 8).mean(-1).sum(-1)
+        torch.testing.assert_close(out["logits"][:, 0], corr, atol=1e-5, rtol=1e-4)
+    # a wrong first step (forced into the bin next to the true one) is undone by a tolerance bin
+    p["cost.out.bias"][0] = torch.tensor([100.0, 0.0, 0.0, 0.0])
+    ref, src = tex[:, :24], tex[:, 4:28]                                 # depth 2.0, in bin 1 of step 1
+    out = run(g, p, {"ref": ref, "src": src}, b)
+    labels = out["logits"].argmax(-1)[:, :, 8:]
+    assert (labels[:, 0] == 0).all() and (labels[:, 1] == 3).all()       # step 2 leaves through the right edge
+    assert (out["depth"][:, 8:] - 2.0).abs().max() <= width
+
+
+# -- 34 Sparsey ----------------------------------------------------------------------------------------
+
+
+def _spearman(x, y):
+    """Spearman's rank correlation, ties given their average rank (no scipy needed)."""
+    def ranks(v):
+        v = torch.as_tensor(v, dtype=torch.float64)
+        r = torch.empty_like(v)
+        r[v.argsort()] = torch.arange(len(v), dtype=torch.float64)
+        for u in v.unique():
+            r[v == u] = r[v == u].mean()
+        return r - r.mean()
+    a, b = ranks(x), ranks(y)
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_sparsey_code_selection_preserves_similarity_and_recalls_in_one_trial():
+    """Each batch sample is a separate memory that stores the same 10 patterns (same draws), then sees
+    one probe sharing 0..12 of the first pattern's 12 active bits."""
+    (g,) = stdlib.graphs("sparsey")
+    gen = torch.Generator().manual_seed(0)
+    n, Q, K = 256, 8, 8
+    b = {"n_in": n, "Q": Q, "K": K}
+
+    def pattern():
+        x = torch.zeros(n)
+        x[torch.randperm(n, generator=gen)[:12]] = 1
+        return x
+
+    base = torch.stack([pattern() for _ in range(10)])
+    on, off = base[0].nonzero()[:, 0], (base[0] == 0).nonzero()[:, 0]
+    probes, overlap = [], []
+    for j in range(13):
+        for _ in range(2):
+            x = torch.zeros(n)
+            x[on[torch.randperm(12, generator=gen)[:j]]] = 1
+            x[off[torch.randperm(len(off), generator=gen)[:12 - j]]] = 1
+            probes.append(x)
+            overlap.append(j / 12)
+    N = len(probes)
+    seq = torch.cat([base.expand(N, 10, n), torch.stack(probes)[:, None]], 1)
+    noise = torch.cat([torch.rand(1, 10, Q, K, generator=gen).expand(N, 10, Q, K),
+                       torch.rand(N, 1, Q, K, generator=gen)], 1)
+    out = run(g, {}, {"x": seq, "noise": noise}, b)
+    codes, fam = out["codes"], out["familiarity"]
+    assert torch.equal(codes.sum(-1), torch.ones(N, 11, Q))             # one winner per module
+    assert fam[:, 0].abs().max() == 0                                    # the first input is novel:
+    torch.testing.assert_close(out["probs"][:, 0], torch.full((N, Q, K), 1 / K))   # a uniform draw
+    shared = (codes[:, 10] * codes[:, 0]).sum((-1, -2)) / Q             # code intersection with pattern 0's
+    torch.testing.assert_close(fam[-2:, 10], torch.ones(2))              # stored in one trial: G = 1 ...
+    assert shared[-2:].min() >= 7 / 8                                    # ... and its code comes back
+    assert fam[:2, 10].max() < 0.35 and shared[:2].max() <= 0.25         # an unrelated input: a new code
+    assert _spearman(overlap, shared) > 0.75                             # similar inputs, overlapping codes
+    assert _spearman(overlap, fam[:, 10]) > 0.9                          # familiarity tracks the overlap
+
+
+# -- 27 WMAR -------------------------------------------------------------------------------------------
+
+
+def _wmar_inputs(B, T, gen):
+    return {"x": torch.randn(B, T, 16, generator=gen),
+            "action": torch.nn.functional.one_hot(torch.randint(0, 4, (B, T), generator=gen), 4).float(),
+            "noise": torch.rand(B, T, 4, 4, generator=gen)}
+
+
+def test_wmar_rssm_prior_sees_the_past_posterior_the_present_and_samples_straight_through():
+    (g,) = stdlib.graphs("wmar")
+    p = init_params(g, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    inp = _wmar_inputs(2, 6, gen)
+    inp["x"].requires_grad_()
+    out = run(g, p, inp)
+    z = out["latent"].reshape(2, 6, 4, 4)
+    torch.testing.assert_close(z, z.round().detach(), atol=1e-6, rtol=0)   # one-hot values ...
+    torch.testing.assert_close(z.sum(-1), torch.ones(2, 6, 4))           # ... with the posterior's gradient
+
+    def grad_x(value):
+        (gx,) = torch.autograd.grad(value.sum(), inp["x"], retain_graph=True, allow_unused=True)
+        return torch.zeros(2, 6) if gx is None else gx.abs().sum(-1)
+
+    seen = grad_x(out["prior_logits"][:, 3])                            # the prior of step 3 ...
+    assert (seen[:, :3] > 0).all() and (seen[:, 3:] == 0).all()         # ... reads x_0..x_2 only
+    seen = grad_x(out["post_logits"][:, 3])                             # the posterior also reads x_3
+    assert (seen[:, :4] > 0).all() and (seen[:, 4:] == 0).all()
+    # the sample is the Gumbel-max draw of the unimix posterior
+    gen = torch.Generator().manual_seed(1)
+    inp = _wmar_inputs(4000, 1, gen)
+    inp["x"] = inp["x"][:1].expand(4000, 1, 16)
+    out = run(g, p, inp)
+    probs = 0.99 * torch.softmax(out["post_logits"][0, 0], -1) + 0.01 / 4
+    freq = out["latent"].reshape(4000, 4, 4).mean(0)
+    assert (freq - probs).abs().max() < 0.035
+
+
+def test_wmar_replay_schedule_keeps_every_task_in_proportion():
+    """Three tasks of 2000 transitions each stream into a 300-entry buffer: the reservoir kept by the
+    schedule's probability holds about a third of each task, a FIFO only the last task."""
+    m = stdlib.load("wmar")(capacity=300)
+    rng = torch.Generator().manual_seed(0)
+    buffer, fifo = [], []
+    for seen, task in enumerate([0] * 2000 + [1] * 2000 + [2] * 2000, start=1):
+        keep = m.schedule_replay(seen)["keep"]
+        if len(buffer) < 300:
+            assert keep == 1.0
+            buffer.append(task)
+        elif torch.rand((), generator=rng) < keep:
+            assert keep == pytest.approx(300 / seen)
+            buffer[int(torch.randint(0, 300, (), generator=rng))] = task
+        fifo = (fifo + [task])[-300:]
+    share = [buffer.count(k) / 300 for k in range(3)]
+    assert all(abs(s - 1 / 3) < 0.08 for s in share), share
+    assert set(fifo) == {2}

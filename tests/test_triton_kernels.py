@@ -147,7 +147,11 @@ def test_every_elementwise_op_forward_and_backward():
 
 
 _SMALL = {"depth_recurrent": {"steps": 2}, "hrm": {"h_cycles": 1, "l_cycles": 1}, "mor": {"n_r": 2},
-          "think": {"n_layers": 2}, "move": {"n_layers": 1}, "trm": {"h_cycles": 1, "l_cycles": 1}}
+          "think": {"n_layers": 2}, "move": {"n_layers": 1}, "trm": {"h_cycles": 1, "l_cycles": 1},
+          # DMN's read normalises sum_i exp(-beta (1 - q.k_i)) v_i: at beta = 5.5 on random features the
+          # sum is ~1e-3 and the gradient of its normalisation ~600, where fp32 rounding (eager's too:
+          # the kernel is the closer one to fp64) exceeds the absolute 1e-4; beta = 1 keeps it O(1)
+          "dmn_clip": {"beta": 1.0}}
 
 
 def _o2(name):
