@@ -179,6 +179,7 @@ def export_onnx(path_or_source: str | Path, arch: str | None = None, weights=Non
     """
     from archc.backends.onnx import (check_shapes, export_decode, export_forward, load_weights, seeded_weights,
                                      weights_from_state_dict)
+    from archc.backends.onnx.export import cache_rewrite
     from archc.errors import ArchError
     graphs = _chosen(path_or_source, arch, optimize)
     if weights is not None and len(graphs) > 1:
@@ -194,5 +195,7 @@ def export_onnx(path_or_source: str | Path, arch: str | None = None, weights=Non
             w = weights_from_state_dict(g, weights)
             check_shapes(g, w, bindings)
         runtime = [] if static else None
-        out.append(OnnxExport(g, export_forward(g, w, bindings, runtime), export_decode(g, w, bindings, runtime)))
+        # a model whose decode cache is rewritten (rewrite_kv) gets the forward graph only, with a note
+        decode = None if cache_rewrite(g) is not None else export_decode(g, w, bindings, runtime)
+        out.append(OnnxExport(g, export_forward(g, w, bindings, runtime), decode))
     return out

@@ -1,4 +1,4 @@
-"""Helpers for differential tests: valid random inputs for any graph."""
+"""Helpers for differential tests: valid random inputs for any graph; token-by-token decoding."""
 from __future__ import annotations
 
 import math
@@ -57,3 +57,16 @@ def example_inputs(g: Graph, bindings: dict[str, Any] | None = None, batch: int 
         else:
             out[a.name] = torch.randn(shape, generator=gen)
     return out
+
+
+def decode_stepwise(model, tokens: torch.Tensor, prompt: int):
+    """A generated module's `prefill` on the first `prompt` tokens, then one `decode` per token:
+    (the outputs joined along the sequence, the cache)."""
+    out, cache = model.prefill(tokens[:, :prompt])
+    steps = [out]
+    for t in range(prompt, tokens.shape[1]):
+        step, cache = model.decode(tokens[:, t:t + 1], cache)
+        steps.append(step)
+    if isinstance(steps[0], dict):
+        return {k: torch.cat([s[k] for s in steps], 1) for k in steps[0]}, cache
+    return torch.cat(steps, 1), cache

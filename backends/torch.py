@@ -781,28 +781,35 @@ def _docstr(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
-def _forward(g: Graph, em: _Emitter) -> list[str]:
+def _forward(g: Graph, em: _Emitter, region: Region | None = None, method: str = "forward",
+             doc: str | None = None) -> list[str]:
+    """`forward` (the graph body), or another method that runs `region` (a policy's processor):
+    its arguments are the parameters, its yields the result (a dict of the outputs for the body)."""
+    region = region or g.body
     em.types = {}
-    for a in g.body.args:
+    for a in region.args:
         em.types[a.name] = a.type
-    for n in g.walk():
+    for n in region.walk():
         for o in n.outputs:
             em.types[o.name] = o.type
         for r in n.regions:
             for a in r.args:
                 em.types[a.name] = a.type
-    inputs = [em.v(a.name) for a in g.inputs]
+    inputs = [em.v(a.name) for a in region.args]
     em.grad_flag = False
     body_start = len(em.lines)
-    em.region(g.body, 2)
+    em.region(region, 2)
     body = em.lines[body_start:]
     del em.lines[body_start:]
     names = em.sym_names()
-    head = [f"    def forward(self, {', '.join(inputs)}):"]
+    head = [f"    def {method}(self, {', '.join(inputs)}):"]
+    if doc:
+        head.append(f'        """{_docstr(doc)}"""')
     params = [s.name for s in g.symbols if s.kind != "dim" and _mentions(body, names[s.name])]
     head += _unpack(params, names, 8)
-    bound: set[str] = set()
-    for a in g.inputs:
+    # a policy region binds only its own dimensions (N) from its arguments
+    bound: set[str] = set() if region is g.body else {s.name for s in g.symbols}
+    for a in region.args:
         for i, d in enumerate(a.type.shape):
             if isinstance(d, sympy.Symbol) and d.name not in bound and d.name in names and _mentions(body, names[d.name]):
                 head.append(f"        {names[d.name]} = {em.v(a.name)}.shape[{i}]")
@@ -813,9 +820,11 @@ def _forward(g: Graph, em: _Emitter) -> list[str]:
         head.append("        kv = {}  # K/V published by attention sites, read by the layers that share them")
     if em.grad_flag:
         head.append("        grad = torch.is_grad_enabled()")
-    outs = [em.v(r) if r not in em.consts else f"torch.as_tensor({em.v(r)})" for r in g.body.results]
+    outs = [em.v(r) if r not in em.consts else f"torch.as_tensor({em.v(r)})" for r in region.results]
     if len(outs) == 1:
         tail = [f"        return {outs[0]}"]
+    elif region is not g.body:
+        tail = [f"        return {', '.join(outs)}"]
     else:
         items = ", ".join(f"{json.dumps(name)}: {v}" for name, v in zip(g.output_names, outs))
         tail = [f"        return {{{items}}}"]
@@ -919,23 +928,85 @@ def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[
     body_end = max(i for i, line in enumerate(step) if line.startswith("        return "))
     step = step[:1] + pre + step[1:body_end] + [f"        cache.length += {tok_name}.shape[1]"] + step[body_end:]
     self_names = {s.name: "self." + em.sym_names()[s.name] for s in g.symbols if s.kind != "dim"}
-    policies = {t: (p.kind, {k: (_PyExpr(py_expr(v, self_names)) if isinstance(v, sympy.Basic) else v)
-                             for k, v in p.args})
+
+    def literal(v):
+        return _PyExpr(py_expr(v, self_names)) if isinstance(v, sympy.Basic) else v
+
+    policies = {t: (p.kind, {k: literal(v) for k, v in p.args})
                 for p in g.policies if p.kind in ("prune_key_channels", "topk_decode") for t in p.targets}
+    rewrites, processors = {}, []
+    for i, (p, region) in enumerate(g.policy_regions()):
+        method = em.ns.claim(f"method:processor{i}", "_processor")
+        args = p.arg_dict
+        pem = _region_emitter(g, region, make_emitter)
+        processors += [""] + _forward(g, pem, region, method, f"rewrite_kv's processor (`{args['processor']}`): "
+                                      "the gathered entries (k, v) and their positions -> the rewritten (k, v).")
+        runtime |= pem.runtime
+        rewrites.update({t: (literal(args["delimiter"]), literal(args["top"]), _PyExpr("self." + method))
+                         for t in p.targets})
+    if not rewrites:
+        return [
+            "",
+            "    def prefill(self, tokens):",
+            '        """Run a prompt; returns (outputs, cache). The cache holds per-site K/V shaped by the policies."""',
+            f"        cache = KVCache({_py_literal(policies)})",
+            "        out = self._step(tokens, cache)",
+            "        cache.compress()",
+            "        return out, cache",
+            "",
+            "    def decode(self, tokens, cache):",
+            '        """Outputs for the next tokens [B, n] after `prefill`, reading and extending the cache."""',
+            "        return self._step(tokens, cache), cache",
+            "",
+        ] + step
+    feed = em.ns.claim("method:feed", "_feed")
+    T = tok.type.shape[1]
+    types = {o.name: o.type for n in g.walk() for o in n.outputs} | {a.name: a.type for a in g.inputs}
+    seq = [types[r].rank >= 2 and types[r].shape[1] == T for r in g.body.results]
+
+    def joined(get: str, is_seq: bool) -> str:
+        return f"torch.cat([{get.format('o')} for o in outs], 1)" if is_seq else get.format("outs[-1]")
+    if len(seq) == 1:
+        ret = "torch.cat(outs, 1)" if seq[0] else "outs[-1]"
+    else:
+        ret = "{" + ", ".join(f"{json.dumps(name)}: " + joined("{}[" + json.dumps(name) + "]", s)
+                              for name, s in zip(g.output_names, seq)) + "}"
     return [
         "",
         "    def prefill(self, tokens):",
-        '        """Run a prompt; returns (outputs, cache). The cache holds per-site K/V shaped by the policies."""',
-        f"        cache = KVCache({_py_literal(policies)})",
-        "        out = self._step(tokens, cache)",
+        '        """Run a prompt; returns (outputs, cache). The cache holds per-site K/V shaped by the policies',
+        '        and is rewritten after every delimiter token (rewrite_kv)."""',
+        f"        cache = KVCache({_py_literal(policies)}, rewrites={_py_literal(rewrites)})",
+        f"        out = self.{feed}(tokens, cache)",
         "        cache.compress()",
         "        return out, cache",
         "",
         "    def decode(self, tokens, cache):",
-        '        """Outputs for the next tokens [B, n] after `prefill`, reading and extending the cache."""',
-        "        return self._step(tokens, cache), cache",
+        '        """Outputs for the next tokens [B, n] after `prefill`, reading, extending and rewriting the cache."""',
+        f"        return self.{feed}(tokens, cache), cache",
         "",
-    ] + step
+        f"    def {feed}(self, tokens, cache):",
+        '        """Run tokens in pieces that end at a delimiter; after each, the samples that read one get their',
+        '        cache rewritten by the processor (rewrite_kv), so what follows reads the rewritten K/V."""',
+        "        outs = []",
+        "        for piece in cache.pieces(tokens):",
+        "            outs.append(self._step(piece, cache))",
+        "            cache.rewrite(piece)",
+        f"        return {ret}",
+    ] + processors + [""] + step
+
+
+def _region_emitter(g: Graph, region: Region, make_emitter) -> _Emitter:
+    """An emitter for a policy region: plain attention (no K/V store), its own dimensions named."""
+    em = make_emitter(g)
+    em.uses_kv = False
+    graph_syms = {s.name for s in g.symbols}
+    for a in region.args:
+        for d in a.type.shape:
+            for s in sorted(sympy.sympify(d).free_symbols, key=str):
+                if s.name not in graph_syms:
+                    em.ns.claim("sym:" + s.name, s.name)
+    return em
 
 
 class _PyExpr(str):
@@ -993,7 +1064,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
         runtime.add("mlp_memory")
         out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
     if "KVCache" in runtime:
-        runtime.add("topk_attention")
+        runtime |= {"topk_attention", "causal_scores"}
     if "route_keep" in runtime:
         runtime.add("route_select")
     if runtime & {"attention", "topk_attention"}:

@@ -276,30 +276,41 @@ class KVCache:
     tokens' K/V (unless the site reads another's) and attends over everything cached. Policies:
     prune_key_channels (ThinK: after prefill, older keys keep only the top channels per head,
     scored by the last `observe` queries; the `recent` newest keys and all later keys stay full
-    width) and topk_decode (LycheeDecode: heads >= dense_heads attend only to the k keys the dense
-    heads weight most). `nbytes()` counts the bytes the cached tensors actually hold.
+    width), topk_decode (LycheeDecode: heads >= dense_heads attend only to the k keys the dense
+    heads weight most) and rewrite_kv (Bottlenecked Transformers: `rewrites` maps a site to
+    (delimiter, top, processor); the model feeds tokens in `pieces` and calls `rewrite` after
+    each). `nbytes()` counts the bytes the cached tensors actually hold.
     """
 
-    def __init__(self, policies=None):
+    def __init__(self, policies=None, rewrites=None):
         self.policies = dict(policies or {})      # site -> (kind, options)
+        self.rewrites = dict(rewrites or {})      # site -> (delimiter, top, processor)
         self.entries = {}                          # key -> dict of tensors
         self.length = 0
         self.prefilled = False                     # decode-time policies act after the prompt
+        self.steps = {}                            # delimiter -> where each sample's open step starts
+        self.windows = {}                          # entry key -> its site's attention window
+        self.q_from = 0                            # position of the oldest query kept for a rewrite
 
     def policy(self, site, kind):
         p = self.policies.get(site)
         return p[1] if p is not None and p[0] == kind else None
 
+    @staticmethod
+    def site_of(key):
+        """The attention site of an entry key: "layers.attn[1]@r=0" -> "layers.attn"."""
+        return key.split("#")[0].split("[")[0].split("@")[0]
+
     def attend(self, key, site, q, k, v, qpos, window=0, reads=None):
         """Append k/v under `key` (or read the entry `reads`) and attend with queries q at qpos."""
-        e = self.store(key, site, q, k, v, reads)
+        e = self.store(key, site, q, k, v, reads, window)
         keys = self._keys(e)
         top = self.policy(site, "topk_decode")
         if top is not None and self.prefilled:
             return topk_attention(q, keys, e["v"], int(top["k"]), int(top["dense_heads"]), qpos, window)
         return attention(q, keys, e["v"], causal=True, window=window, qpos=qpos)
 
-    def store(self, key, site, q, k, v, reads=None):
+    def store(self, key, site, q, k, v, reads=None, window=0):
         """Append k/v under `key` (or look up the entry `reads`); returns the entry's tensors."""
         if reads is None:
             e = self.entries.setdefault(key, {"k": k[:, :0], "v": v[:, :0], "q_obs": q[:, :0]})
@@ -311,9 +322,57 @@ class KVCache:
             think = self.policy(site, "prune_key_channels")
             if think is not None and "kept" not in e:
                 e["q_obs"] = torch.cat([e["q_obs"], q], 1)[:, -int(think["observe"]):]
+            if site in self.rewrites:                     # the open steps' queries choose the top-k
+                e["q_step"] = torch.cat([e.get("q_step", q[:, :0]), q], 1)
+                self.windows[key] = window
         else:
             e = self.entries[reads]
         return e
+
+    def pieces(self, tokens):
+        """`tokens` [B, n] cut after every position where some sample reads a rewrite_kv delimiter."""
+        hit = torch.zeros(tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        for delimiter in {int(r[0]) for r in self.rewrites.values()}:
+            hit |= (tokens == delimiter).any(0)
+        ends = [i + 1 for i in hit.nonzero().flatten().tolist() if i + 1 < tokens.shape[1]] + [tokens.shape[1]]
+        return [tokens[:, a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+    def rewrite(self, tokens):
+        """rewrite_kv after the piece `tokens` was appended: for each sample whose piece ends with a
+        delimiter, in every targeted entry, the step it ends (its entries since the sample's previous
+        delimiter) plus the `top` earlier entries those queries attended to most go through the
+        processor, which rewrites them in place. The next step starts after the delimiter."""
+        if not self.rewrites or tokens.shape[1] == 0:
+            return
+        for delimiter in sorted({int(r[0]) for r in self.rewrites.values()}):
+            starts = self.steps.setdefault(delimiter, [0] * tokens.shape[0])
+            for b in (tokens[:, -1] == delimiter).nonzero().flatten().tolist():
+                for key, e in self.entries.items():
+                    rw = self.rewrites.get(self.site_of(key))
+                    if rw is not None and int(rw[0]) == delimiter and "q_step" in e:
+                        self._rewrite_entry(key, e, b, starts[b], int(rw[1]), rw[2])
+                starts[b] = self.length
+        first = min(min(s) for s in self.steps.values()) if self.steps else 0
+        for e in self.entries.values():
+            if "q_step" in e:
+                e["q_step"] = e["q_step"][:, first - self.q_from:]
+        self.q_from = first
+
+    def _rewrite_entry(self, key, e, b, start, top, processor):
+        """Sample b of entry `key`: gather last step + top-k, run the processor, write back."""
+        length = e["k"].shape[1]
+        k, v = e["k"][b:b + 1], e["v"][b:b + 1]
+        idx = torch.arange(start, length, device=k.device)
+        top = min(top, start)
+        if top > 0:
+            q = e["q_step"][b:b + 1, start - self.q_from:]
+            probs = torch.softmax(causal_scores(q, k, idx[None], self.windows.get(key, 0)), dim=-1)
+            attended = probs[..., :start].sum(dim=(1, 2))[0]       # over the step's queries and heads
+            idx = torch.cat([torch.topk(attended, top).indices.sort().values, idx])
+        new_k, new_v = processor(k[:, idx], v[:, idx], idx[None])
+        rows = torch.full_like(idx, b)
+        e["k"] = e["k"].index_put((rows, idx), new_k[0])
+        e["v"] = e["v"].index_put((rows, idx), new_v[0])
 
     @staticmethod
     def _keys(e):
@@ -329,8 +388,7 @@ class KVCache:
         """End of prefill: apply ThinK's key-channel pruning to the targeted sites."""
         self.prefilled = True
         for key, e in self.entries.items():
-            site = key.split("[")[0].split("@")[0]
-            think = self.policy(site, "prune_key_channels")
+            think = self.policy(self.site_of(key), "prune_key_channels")
             if think is None or "kept" in e or "k" not in e or float(think["ratio"]) <= 0:
                 continue
             k, q = e["k"], e["q_obs"]
@@ -351,18 +409,26 @@ class KVCache:
                    if name != "q_obs")
 
 
-def topk_attention(q, k, v, top: int, dense_heads: int, qpos, window=0):
-    """LycheeDecode-style hybrid heads: dense heads attend to all keys; the others to the `top`
-    keys the dense heads weight most (per sample and query)."""
-    B, Tq, H, D = q.shape
-    Tk = k.shape[1]
-    k, v = repeat_kv(k, v, H)
+def causal_scores(q, k, qpos, window=0):
+    """Scaled scores [B, H, Tq, Tk] of queries at `qpos` over cached keys at 0..Tk-1 (K/V heads
+    repeated for the query heads), -inf where causality or the window forbids."""
+    D = q.shape[3]
+    k, _ = repeat_kv(k, k, q.shape[2])
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
-    kp = torch.arange(Tk, device=q.device)[None, None, None, :]
+    kp = torch.arange(k.shape[1], device=q.device)[None, None, None, :]
     allowed = kp <= qpos[:, None, :, None]
     if window:
         allowed = allowed & (qpos[:, None, :, None] - kp < window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def topk_attention(q, k, v, top: int, dense_heads: int, qpos, window=0):
+    """LycheeDecode-style hybrid heads: dense heads attend to all keys; the others to the `top`
+    keys the dense heads weight most (per sample and query)."""
+    B, Tq, H = q.shape[:3]
+    Tk = k.shape[1]
+    scores = causal_scores(q, k, qpos, window)
+    k, v = repeat_kv(k, v, H)
     probs = torch.softmax(scores, dim=-1)
     if 0 < dense_heads < H and top < Tk:
         chosen = torch.topk(probs[:, :dense_heads].mean(1), top, dim=-1).indices          # [B, Tq, top]

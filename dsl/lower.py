@@ -362,13 +362,15 @@ class ArchLowering:
         if not self.outputs:
             raise self.err(f"architecture `{self.arch.name}` has no `output`", self.arch.name_span,
                            hint="add `output logits = ...`")
-        from archc.dsl.policies import build_policies
+        from archc.dsl.policies import build_policies, check_rewrites
         policies = build_policies(self)
         body = Region(tuple(inputs), tuple(self.b.top), tuple(v.name for v in self.outputs))
         body = apply_site_attrs(body, self.site_attrs)
         symbols = list(self.symbols) + [Symbol(d, "dim") for d in self.dims]
-        return Graph(self.arch.name, tuple(symbols), tuple(self.params[n] for n in self.param_order), body,
-                     tuple(policies), self.lw.module.doc, self.lw.file, tuple(self.schedules))
+        g = Graph(self.arch.name, tuple(symbols), tuple(self.params[n] for n in self.param_order), body,
+                  tuple(policies), self.lw.module.doc, self.lw.file, tuple(self.schedules))
+        check_rewrites(self, g)
+        return g
 
 
 def apply_site_attrs(region: Region, site_attrs: dict[str, dict]) -> Region:

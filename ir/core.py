@@ -149,12 +149,19 @@ class Param:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A caching policy attached to attention sites; see SPEC.md 'Caching policies'."""
+    """A caching policy attached to attention sites; see SPEC.md 'Caching policies'.
+
+    `region` is the network a policy runs on the decode cache (`rewrite_kv`'s processor): its
+    arguments are the gathered entries `k, v: f32[1, N, Hk, Dh]` and their positions `i64[1, N]`,
+    where `N` is the region's own dimension; it yields the rewritten `k, v`. It reads parameters
+    but no value of the graph body (it runs at decode time, outside `forward`).
+    """
 
     kind: str
     targets: tuple[str, ...]
     args: tuple[tuple[str, Any], ...] = ()
     span: Span | None = field(default=None, compare=False)
+    region: Region | None = None
 
     @property
     def arg_dict(self) -> dict:
@@ -224,6 +231,10 @@ class Graph:
 
     def walk(self) -> Iterator[Node]:
         return self.body.walk()
+
+    def policy_regions(self) -> Iterator[tuple[Policy, Region]]:
+        """The policies that carry a region (a network run on the decode cache), with it."""
+        return ((p, p.region) for p in self.policies if p.region is not None)
 
     def __str__(self) -> str:
         from archc.ir.printer import print_graph

@@ -223,6 +223,24 @@ def run(g: Graph, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tenso
     return dict(zip(g.output_names, outs))
 
 
+def run_policy_region(g: Graph, policy, params: dict[str, torch.Tensor], args: list[torch.Tensor],
+                      bindings: dict[str, Any] | None = None) -> list[torch.Tensor]:
+    """Execute a policy's region (rewrite_kv's processor, SPEC §11.1) on its arguments (k, v, pos).
+
+    The region's own dimensions (symbols of its argument types that are not graph symbols, `N`)
+    are bound from the argument shapes; the graph's parameters from `bindings` and the defaults.
+    """
+    if policy.region is None:
+        raise ArchError(f"policy {policy.kind} has no region", policy.span)
+    values = resolve_bindings(g, bindings)
+    for a, t in zip(policy.region.args, args):
+        for d, size in zip(a.type.shape, t.shape):
+            if isinstance(d, sympy.Symbol) and d.name not in values:
+                values[d.name] = int(size)
+    it = Interpreter(g, params, Env(values))
+    return it.run_region(policy.region, list(args), {})
+
+
 # -- op implementations ---------------------------------------------------------------------------
 
 Impl = Callable[[Interpreter, Node, list, dict], list]

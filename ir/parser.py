@@ -218,13 +218,21 @@ class _Parser:
         c.keyword("policy")
         kind, start = c.match(_IDENT, "a policy kind")
         args = self.pairs(c, "(", ")")
+        opens_region = c.accept("{")
         c.end()
         if not args or args[0][0] != "targets":
             raise c.error(f"policy {kind} must start with targets=[...]", start, c.pos)
         targets = args[0][1]
         if not isinstance(targets, tuple) or not all(isinstance(t, str) for t in targets):
             raise c.error("policy targets must be a list of strings", start, c.pos)
-        return Policy(kind, targets, tuple(args[1:]), self.line_span(c, start))
+        span = self.line_span(c, start)
+        region = None
+        if opens_region:                    # rewrite_kv's processor: one region, like a region op's
+            regions = self.regions()
+            if len(regions) != 1:
+                raise c.error(f"policy {kind} has one region, got {len(regions)}", start, c.pos)
+            region = regions[0]
+        return Policy(kind, targets, tuple(args[1:]), span, region)
 
     def schedule(self, c: _Cursor, seen: list[Schedule]) -> Schedule:
         c.keyword("schedule")

@@ -79,6 +79,13 @@ def policy_str(p: Policy) -> str:
     return f"policy {p.kind}(" + ", ".join(f"{k}={attr_str(v)}" for k, v in items) + ")"
 
 
+def policy_lines(p: Policy, indent: str) -> list[str]:
+    """A policy line; one with a region (rewrite_kv's processor) opens it like a region op."""
+    if p.region is None:
+        return [indent + policy_str(p)]
+    return [indent + policy_str(p) + " {"] + region_lines(p.region, indent + "  ") + [indent + "}"]
+
+
 def schedule_str(s: Schedule) -> str:
     return f"schedule {s.name}({s.var}: {s.kind})" + attrs_str(s.values)
 
@@ -118,7 +125,7 @@ def print_graph(g: Graph) -> str:
     for p in g.params:
         lines.append("  " + param_str(p))
     for p in g.policies:
-        lines.append("  " + policy_str(p))
+        lines.extend(policy_lines(p, "  "))
     for s in g.schedules:
         lines.append("  " + schedule_str(s))
     for a in g.body.args:

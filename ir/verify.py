@@ -48,6 +48,8 @@ class _Verifier:
                 raise self.fail(f"parameter @{p.name} uses unknown symbol {sorted(unknown)[0]!r}", span=p.span)
         self.schedules()
         self.region(self.g.body, [], (), None)
+        for p in self.g.policies:
+            self.policy(p)
 
     def schedules(self) -> None:
         """A schedule reads the architecture's parameters and its own variable; dims are run-time only."""
@@ -68,17 +70,43 @@ class _Verifier:
                     raise self.fail(f"schedule {s.name!r}: `{k}` uses {sorted(unknown)[0]!r}, which is neither a "
                                     f"parameter nor the variable {s.var!r}", span=s.span)
 
+    def policy(self, p) -> None:
+        """A policy region (rewrite_kv's processor) sees no body value: its arguments are the gathered
+        entries `k, v: f32[1, N, Hk, Dh]` and their positions `i64[1, N]`, and it yields the new k, v.
+        `N` is its own dimension (any symbol of its argument types that is not a graph symbol)."""
+        if (p.kind == "rewrite_kv") != (p.region is not None):
+            raise self.fail(f"policy {p.kind} " + ("needs its processor region" if p.region is None
+                                                   else "takes no region"), span=p.span)
+        if p.region is None:
+            return
+        r = p.region
+        types = [a.type for a in r.args]
+        kv_ok = len(types) == 3 and all(t.dtype == F32 and t.rank == 4 for t in types[:2]) and \
+            types[2].dtype == I64 and types[2].rank == 2 and self.same_type(types[0], types[1]) and \
+            dims_equal(types[0].shape[0], 1) is not False and \
+            all(dims_equal(a, b, self.bindings) is not False for a, b in zip(types[0].shape[:2], types[2].shape))
+        if not kv_ok:
+            raise self.fail(f"policy {p.kind}'s region takes (k, v: f32[1, N, Hk, Dh], pos: i64[1, N]), got "
+                            + ", ".join(str(t) for t in types), span=p.span)
+        local = tuple(sorted(_free_symbols(types) - self.symbols))
+        self.region(r, [], local, None, where=f"policy {p.kind}")
+        got = [self.types[x] for x in r.results]
+        if len(got) != 2 or not all(self.same_type(g, w) for g, w in zip(got, types[:2])):
+            raise self.fail(f"policy {p.kind}'s region must yield the rewritten (k, v) as {types[0]}, got "
+                            + ", ".join(str(t) for t in got), span=p.span)
+
     # -- scopes ------------------------------------------------------------------------------
 
-    def region(self, r: Region, scopes: list[set[str]], loop_vars: tuple[str, ...], owner: Node | None) -> None:
+    def region(self, r: Region, scopes: list[set[str]], loop_vars: tuple[str, ...], owner: Node | None,
+               where: str | None = None) -> None:
         scopes = scopes + [set()]
-        where = "graph input" if owner is None else "region argument"
+        arg = f"{where} region argument" if where else "graph input" if owner is None else "region argument"
         for a in r.args:
-            self.check_symbols(a.type, loop_vars, owner, f"{where} %{a.name}")
+            self.check_symbols(a.type, loop_vars, owner, f"{arg} %{a.name}")
             self.define(a.name, a.type, scopes, owner)
         for n in r.nodes:
             self.node(n, scopes, loop_vars)
-        what = "graph output" if owner is None else "region yield"
+        what = f"{where} region yield" if where else "graph output" if owner is None else "region yield"
         for name in r.results:
             if not any(name in s for s in scopes):
                 raise self.fail(f"{what} %{name} is not defined", owner)

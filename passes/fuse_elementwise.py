@@ -54,6 +54,9 @@ def fuse_elementwise(g: Graph) -> Graph:
 def _all_types(g: Graph) -> dict:
     """The type of every value in the graph (names are unique graph-wide: SSA)."""
     types = {a.name: a.type for a in g.body.args}
+    for _, r in g.policy_regions():         # names only: no pass rewrites a policy region
+        types.update({a.name: a.type for a in r.args})
+        types.update({o.name: o.type for n in r.walk() for o in n.outputs})
     for n in g.walk():
         types.update({o.name: o.type for o in n.outputs})
         for r in n.regions:

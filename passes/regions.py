@@ -62,6 +62,8 @@ class FreshNames:
 
     def __init__(self, g: Graph):
         self.taken = set(defined_names(g.body))
+        for _, r in g.policy_regions():        # names are unique graph-wide, policy regions included
+            self.taken.update(defined_names(r))
         self.symbols = {s.name for s in g.symbols} | loop_vars(g)
 
     def value(self, like: str) -> str:

@@ -5,24 +5,10 @@ import torch
 import archc.api as api
 import archc.stdlib as stdlib
 from archc.ir.analysis import kv_decode_blocker
+from archc.testing import decode_stepwise
 
 
-def _decode_all(m, tokens, prompt):
-    out, cache = m.prefill(tokens[:, :prompt])
-    steps = [out]
-    for t in range(prompt, tokens.shape[1]):
-        o, cache = m.decode(tokens[:, t:t + 1], cache)
-        steps.append(o)
-    return steps, cache
-
-
-def _cat(steps):
-    if isinstance(steps[0], dict):
-        return {k: torch.cat([s[k] for s in steps], 1) for k in steps[0]}
-    return torch.cat(steps, 1)
-
-
-@pytest.mark.parametrize("name", ["think", "move"])
+@pytest.mark.parametrize("name", ["think", "move", "bottlenecked_tf"])
 def test_kv_cached_decode_matches_forward(name):
     torch.manual_seed(0)
     overrides = {"d": 32, "heads": 2}
@@ -30,9 +16,10 @@ def test_kv_cached_decode_matches_forward(name):
         overrides["ratio"] = 0.0         # ThinK with nothing pruned is lossless
     m = stdlib.load(name, **overrides)
     tokens = torch.randint(0, 256, (2, 12))
+    tokens[0, 3] = tokens[1, 7] = 10      # rewrite_kv's delimiter: its zero-initialised processor is the identity
     full = m(tokens)
-    steps, cache = _decode_all(m, tokens, 5)
-    torch.testing.assert_close(_cat(steps), full, atol=1e-5, rtol=1e-4)
+    steps, cache = decode_stepwise(m, tokens, 5)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
     assert cache.length == 12 and cache.nbytes() > 0
 
 
@@ -88,10 +75,10 @@ def test_recursion_kv_sharing_is_lossless_and_holds_one_recursion(tmp_path):
     unshared.load_state_dict(shared.state_dict())
     tokens = torch.randint(0, 32, (2, 9))
     for m in (shared, unshared):
-        steps, cache = _decode_all(m, tokens, 4)
-        torch.testing.assert_close(_cat(steps), m(tokens), atol=1e-5, rtol=1e-4)
-    _, c_shared = _decode_all(shared, tokens, 4)
-    _, c_unshared = _decode_all(unshared, tokens, 4)
+        steps, cache = decode_stepwise(m, tokens, 4)
+        torch.testing.assert_close(steps, m(tokens), atol=1e-5, rtol=1e-4)
+    _, c_shared = decode_stepwise(shared, tokens, 4)
+    _, c_unshared = decode_stepwise(unshared, tokens, 4)
     assert c_shared.nbytes() * 3 == c_unshared.nbytes()          # 1/N_r of the bytes
 
 
@@ -115,6 +102,26 @@ def test_think_pruning_shrinks_the_key_cache():
     assert torch.nn.functional.cosine_similarity(step_pruned.flatten(), step_full.flatten(), dim=0) > 0.9
 
 
+TWICE = """
+arch Twice(vocab: int = 32, d: int = 16, heads: int = 2) {
+  input tokens: i64[B, T]
+  layer embed = Embedding(vocab, d)
+  layer attn = Attention(d, heads)
+  layer head = Linear(d, vocab)
+  x = embed(tokens)
+  x = x + attn(x)
+  output logits = head(x + attn(x))
+  cache prune_key_channels(attn, ratio = 0.5, recent = 2, observe = 2)
+}
+"""
+
+
+def test_think_prunes_every_application_of_a_layer():
+    _, cache = api.load(TWICE)().prefill(torch.randint(0, 32, (1, 8)))
+    assert sorted(cache.entries) == ["attn", "attn#1"]
+    assert all("kept" in e for e in cache.entries.values())      # the second application's entry too
+
+
 TOPK = """
 arch Top(vocab: int = 32, d: int = 16, heads: int = 4, keep: int = 4) {
   input tokens: i64[B, T]
@@ -134,7 +141,7 @@ def test_topk_decode_is_lossless_when_k_covers_the_context():
     narrow = api.load(TOPK)(keep=2)
     narrow.load_state_dict(wide.state_dict())
     tokens = torch.randint(0, 32, (2, 10))
-    steps, _ = _decode_all(wide, tokens, 6)
-    torch.testing.assert_close(_cat(steps), wide(tokens), atol=1e-5, rtol=1e-4)
-    steps_n, _ = _decode_all(narrow, tokens, 6)
-    assert not torch.allclose(_cat(steps_n)[:, 6:], wide(tokens)[:, 6:])   # sparse heads see 2 keys
+    steps, _ = decode_stepwise(wide, tokens, 6)
+    torch.testing.assert_close(steps, wide(tokens), atol=1e-5, rtol=1e-4)
+    steps_n, _ = decode_stepwise(narrow, tokens, 6)
+    assert not torch.allclose(steps_n[:, 6:], wide(tokens)[:, 6:])   # sparse heads see 2 keys

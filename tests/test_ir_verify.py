@@ -260,3 +260,52 @@ def test_scan_segment_of_the_wrong_size_at_bindings():
                                                                               "tanh(%seg) : f32[B, 32, d]")
     verify(build(text))
     fails(build(text), "is not a size-c segment of f32[B, T, d]", bindings={"T": 64, "c": 16})
+
+
+REWRITE = """\
+graph G(d: int = 8) dims(B, T) {
+  param @w : f32[d, d] init=normal(std=0.02)
+  policy rewrite_kv(targets=["attn"], processor="proc", delimiter=1, top=2) {
+    ^(%k : f32[1, N, 2, d/2], %v : f32[1, N, 2, d/2], %pos : i64[1, N]):
+    @BODY@
+  }
+  input %x : f32[B, T, d]
+  %y = add(%x, %x) : f32[B, T, d]
+  output %y
+}
+"""
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("%k2 = mul(%k, %k) : f32[1, N, 2, d/2]\n    yield %k2, %v", None),
+    ("yield %k", "must yield the rewritten (k, v)"),
+    ("%k2 = sum(%k) {axis=3} : f32[1, N, 2]\n    yield %k2, %v", "must yield the rewritten (k, v)"),
+    ("%k2 = mul(%k, %k) : f32[1, M, 2, d/2]\n    yield %k2, %v", "unknown symbol 'M'"),
+])
+def test_a_policy_region_is_isolated_and_yields_k_and_v(body, fragment):
+    """rewrite_kv's processor region (SPEC §12.5, 9): its own dimension N, no body value, (k, v) out."""
+    (g,) = parse_ir(REWRITE.replace("@BODY@", body))
+    if fragment is None:
+        verify(g)
+    else:
+        fails(g, fragment)
+
+
+def test_a_policy_region_reads_no_body_value():
+    from dataclasses import replace
+
+    from archc.ir.core import Node, Region, Value
+    from archc.ir.ops import Op
+    (g,) = parse_ir(REWRITE.replace("@BODY@", "yield %k, %v"))
+    p = g.policies[0]
+    k = p.region.args[0]
+    reads_x = Node.make(Op.ADD, ["k", "x"], [Value("k2", k.type)])     # %x is the graph's input
+    g = g.replace(policies=(replace(p, region=Region(p.region.args, (reads_x,), ("k2", "v"))),))
+    fails(g, "operand %x is not defined")
+
+
+def test_only_rewrite_kv_has_a_region():
+    (g,) = parse_ir(REWRITE.replace("@BODY@", "yield %k, %v"))
+    fails(g.replace(policies=(g.policies[0].__class__("rewrite_kv", ("attn",)),)), "needs its processor region")
+    (g,) = parse_ir(REWRITE.replace("@BODY@", "yield %k, %v").replace("rewrite_kv", "topk_decode"))
+    fails(g, "takes no region")

@@ -25,7 +25,7 @@ from archc.ir.parser import parse_ir
 from archc.ir.printer import print_graph, print_module
 from archc.ir.verify import verify
 from archc.passes import PRESETS, get_pass, run_pipeline, split_entries
-from archc.testing import example_inputs
+from archc.testing import decode_stepwise, example_inputs
 
 GOLDEN = Path(__file__).parent / "golden" / "passes"
 O2 = PRESETS["O2"]
@@ -224,15 +224,6 @@ def test_schedule_depth_picks_by_cost_and_keeps_what_masking_would_change():
 _CAP1 = stdlib.source("mor").replace("capacity = (n_r - r) / n_r", "capacity = 1.0")
 
 
-def _decode(m, tokens, prompt):
-    out, cache = m.prefill(tokens[:, :prompt])
-    steps = [out]
-    for t in range(prompt, tokens.shape[1]):
-        o, cache = m.decode(tokens[:, t:t + 1], cache)
-        steps.append(o)
-    return steps, cache
-
-
 def test_mor_recursive_kv_sharing_decode_cache_is_one_recursion_and_matches_the_cost_model():
     graphs = [run_pipeline(g, O2) for g in api.check(_CAP1) if g.name in ("MoR", "MoRKVShare")]
     assert [kv_decode_blocker(g) for g in graphs] == [None, None]
@@ -245,8 +236,8 @@ def test_mor_recursive_kv_sharing_decode_cache_is_one_recursion_and_matches_the_
     with torch.no_grad():
         for m, g in ((unshared, graphs[0]), (shared, graphs[1])):
             full = _as_dict(g, m(tokens))
-            steps, cache = _decode(m, tokens, 5)
-            got = {k: torch.cat([_as_dict(g, s)[k] for s in steps], 1) for k in full}
+            steps, cache = decode_stepwise(m, tokens, 5)
+            got = _as_dict(g, steps)
             _same_outputs(full, got)
             predicted = cost(g).evaluate({"B": 2, "T": 12, "d": 32, "heads": 2})["kv_cache_bytes"]
             assert abs(cache.nbytes() - predicted) <= 0.01 * predicted
@@ -262,8 +253,8 @@ def test_cross_layer_sharing_decodes_from_the_producers_entry():
     m = _instance(_module([h]), h, init_params(g, seed=1))
     tokens = torch.randint(0, 16, (2, 9))
     with torch.no_grad():
-        steps, cache = _decode(m, tokens, 4)
-        torch.testing.assert_close(torch.cat(steps, 1), m(tokens), atol=1e-5, rtol=1e-4)
+        steps, cache = decode_stepwise(m, tokens, 4)
+        torch.testing.assert_close(steps, m(tokens), atol=1e-5, rtol=1e-4)
     assert sorted(cache.entries) == ["a"]
     assert cache.nbytes() == cost(h).evaluate({"B": 2, "T": 9})["kv_cache_bytes"]
 

@@ -11,6 +11,8 @@ import torch
 import archc.stdlib as stdlib
 from archc.ir.analysis import weight_applications
 from archc.ir.interpret import GraphModule, init_params, run, schedule_values
+from archc.testing import decode_stepwise
+
 
 # -- 1 LSTM-PINN -------------------------------------------------------------------------------------
 
@@ -781,12 +783,8 @@ def test_cola_repeated_layers_get_their_own_cache_slots():
     tokens = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         full = m(tokens)
-        out, cache = m.prefill(tokens[:, :3])
-        steps = [out]
-        for t in range(3, 8):
-            step, cache = m.decode(tokens[:, t:t + 1], cache)
-            steps.append(step)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+        got, cache = decode_stepwise(m, tokens, 3)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-4)
     keys = sorted(cache.entries)
     assert len(keys) == 7                                   # one slot per program position, not per layer
     assert [k for k in keys if k.startswith("layers.attn[2]")] == ["layers.attn[2]@r=0,j=0", "layers.attn[2]@r=1,j=0"]
@@ -1575,3 +1573,195 @@ def test_wmar_replay_schedule_keeps_every_task_in_proportion():
     share = [buffer.count(k) / 300 for k in range(3)]
     assert all(abs(s - 1 / 3) < 0.08 for s in share), share
     assert set(fifo) == {2}
+
+
+# -- 19 Bottlenecked Transformers (rewrite_kv) -------------------------------------------------------
+
+REWRITE = """
+block Proc(kvh: int, hd: int) {
+  input k: f32[B, N, kvh, hd]
+  input v: f32[B, N, kvh, hd]
+  layer mix = Linear(hd, hd, init = "zeros")
+  return k + mix(k), v + mix(v)
+}
+
+arch Rw(vocab: int = 16, d: int = 8, heads: int = 2, top: int = 2) {
+  input tokens: i64[B, T]
+  layer embed = Embedding(vocab, d)
+  layer attn = Attention(d, heads, rope = false)
+  layer proc = Proc(heads, d / heads)
+  layer head = Linear(d, vocab)
+  x = embed(tokens)
+  output logits = head(x + attn(x))
+  cache rewrite_kv(attn, processor = proc, delimiter = 1, top = top)
+}
+"""
+
+
+def _bottlenecked(seed=0, scale=0.5):
+    """The stdlib model with a processor whose output projection is no longer zero (a trained one)."""
+    torch.manual_seed(seed)
+    m = stdlib.load("bottlenecked_tf", d=32, heads=4)
+    with torch.no_grad():
+        m.processor.out.weight.normal_(0, scale)
+    return m
+
+
+def _steps(tokens, delimiters):
+    """Random tokens other than the delimiter (10), with it at the given (sample, position) pairs."""
+    tokens = tokens.clone()
+    tokens[tokens == 10] = 11
+    for b, t in delimiters:
+        tokens[b, t] = 10
+    return tokens
+
+
+def test_bottlenecked_rewrite_changes_only_the_last_step_and_the_top_k_most_attended():
+    from archc.api import load
+    torch.manual_seed(0)
+    m = load(REWRITE)()
+    with torch.no_grad():
+        m.proc.mix.weight.normal_(0, 1.0)
+    tokens = torch.randint(2, 16, (2, 9))
+    tokens[0, 3] = tokens[1, 2] = tokens[0, 8] = 1         # delimiter 1: sample 0 ends steps at 3 and 8
+    _, cache = m.prefill(tokens[:, :4])
+    before = type(cache)()                                 # the same cache, never rewritten from here on
+    before.entries = {k: dict(e) for k, e in cache.entries.items()}
+    before.length = cache.length
+    m.decode(tokens[:, 4:9], cache)
+    m._step(tokens[:, 4:9], before)
+    (key,) = cache.entries
+    old_k, new_k = before.entries[key]["k"], cache.entries[key]["k"]
+    old_v, new_v = before.entries[key]["v"], cache.entries[key]["v"]
+    # the top 2 earlier entries by the step's (positions 4..8) attention, summed over queries and heads
+    x = m.embed.weight[tokens[0, 4:9]]
+    q = (x @ m.attn.q.weight.T).unflatten(-1, (2, 4))
+    scores = torch.einsum("qhd,khd->hqk", q, old_k[0]) / 2.0
+    scores = scores.masked_fill(torch.arange(9)[None, None, :] > torch.arange(4, 9)[None, :, None], float("-inf"))
+    top = torch.softmax(scores, -1)[:, :, :4].sum((0, 1)).topk(2).indices.tolist()
+    changed = ((new_k != old_k).flatten(2).any(-1) | (new_v != old_v).flatten(2).any(-1))
+    assert sorted(changed[0].nonzero().flatten().tolist()) == sorted(top + [4, 5, 6, 7, 8])
+    assert not changed[1].any()                            # sample 1 read no delimiter in this piece
+    # the rewritten entries are the processor applied to the gathered ones, in cache order
+    idx = torch.tensor(sorted(top) + [4, 5, 6, 7, 8])
+    want_k, want_v = m._processor(old_k[:1, idx], old_v[:1, idx], idx[None])
+    torch.testing.assert_close(new_k[0, idx], want_k[0])
+    torch.testing.assert_close(new_v[0, idx], want_v[0])
+    assert cache.steps == {1: [9, 3]}                      # where each sample's next step starts
+
+
+def test_bottlenecked_decoding_continues_on_the_rewritten_cache():
+    """Decoding after a rewrite = the plain backbone (no policy) decoding from the rewritten K/V."""
+    from archc.api import load
+    m = _bottlenecked()
+    source = stdlib.source("bottlenecked_tf")
+    line = next(x for x in source.splitlines() if "cache rewrite_kv" in x)
+    backbone = load(source.replace(line, ""))(d=32, heads=4)
+    missing, unexpected = backbone.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("processor.") for k in unexpected)
+    tokens = _steps(torch.randint(0, 256, (2, 14)), [(0, 3), (0, 9), (1, 6), (1, 9)])
+    with torch.no_grad():
+        _, rewritten = m.prefill(tokens[:, :10])           # the prompt ends a step in both samples
+        _, plain = backbone.prefill(tokens[:, :10])
+        _, fresh = backbone.prefill(tokens[:, :10])
+        for key, e in rewritten.entries.items():
+            fresh.entries[key]["k"], fresh.entries[key]["v"] = e["k"], e["v"]
+            assert not torch.equal(e["k"], plain.entries[key]["k"])
+        for t in range(10, 14):
+            got, rewritten = m.decode(tokens[:, t:t + 1], rewritten)
+            want, fresh = backbone.decode(tokens[:, t:t + 1], fresh)
+            other, plain = backbone.decode(tokens[:, t:t + 1], plain)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(got, other, atol=1e-3)
+
+
+def test_bottlenecked_rewrites_after_each_delimiter_however_the_tokens_are_fed():
+    m = _bottlenecked(seed=1)
+    tokens = _steps(torch.randint(0, 256, (2, 16)), [(0, 2), (0, 7), (1, 5), (0, 12), (1, 12)])
+    with torch.no_grad():
+        whole, cache = m.prefill(tokens)
+        out, c2 = m.prefill(tokens[:, :4])
+        steps = [out]
+        for a, b in ((4, 5), (5, 9), (9, 10), (10, 16)):
+            o, c2 = m.decode(tokens[:, a:b], c2)
+            steps.append(o)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-5, rtol=1e-4)
+    for key, e in cache.entries.items():
+        torch.testing.assert_close(c2.entries[key]["k"], e["k"], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(whole, m(tokens), atol=1e-3)     # the rewrites changed what later tokens read
+
+
+def test_bottlenecked_zero_initialised_processor_decodes_like_the_backbone_and_trains():
+    torch.manual_seed(0)
+    m = stdlib.load("bottlenecked_tf", d=32, heads=4)
+    assert not m.processor.out.weight.any()               # the residual update starts at zero
+    tokens = _steps(torch.randint(0, 256, (2, 14)), [(0, 3), (1, 4), (0, 8), (1, 8), (0, 11)])
+    full = m(tokens)
+    torch.testing.assert_close(decode_stepwise(m, tokens, 5)[0], full, atol=1e-5, rtol=1e-4)
+    # teacher-forced training through prefill: the processor gets a gradient at its zero init
+    logits, _ = m.prefill(tokens)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    assert m.processor.out.weight.grad.abs().sum() > 0
+    before = m(tokens).detach()
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+    m.zero_grad()
+    after, _ = m.prefill(tokens)
+    assert not torch.allclose(after, m(tokens), atol=1e-4)  # now the rewrites change later outputs
+    assert not torch.allclose(m(tokens), before)
+
+
+def test_bottlenecked_processor_module_matches_the_interpreter():
+    from archc.ir.interpret import run_policy_region
+    m = _bottlenecked()
+    (g,) = stdlib.graphs("bottlenecked_tf")
+    (policy,) = g.policies
+    params = {k: v.detach() for k, v in m.state_dict().items()}
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 7, 4, 8, generator=gen) for _ in range(2))
+    pos = torch.tensor([[0, 2, 5, 6, 7, 8, 9]])
+    want = run_policy_region(g, policy, params, [k, v, pos], {"d": 32, "heads": 4})
+    got = m._processor(k, v, pos)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got[0], k)
+
+
+@pytest.mark.parametrize("policy,message", [
+    ("cache rewrite_kv(attn, delimiter = 1)", "rewrite_kv needs `processor = ...`"),
+    ("cache rewrite_kv(attn, processor = proc)", "rewrite_kv needs `delimiter = ...`"),
+    ("cache rewrite_kv(attn, processor = head, delimiter = 1)", "must name a layer declared from a block"),
+    ("cache rewrite_kv(attn, processor = proc, delimiter = -1)", "delimiter must be a token id"),
+    (("cache rewrite_kv(attn, processor = proc, delimiter = 1)\n"
+      "  cache prune_key_channels(attn, ratio = 0.5)"), "also has prune_key_channels"),
+])
+def test_bottlenecked_rewrite_kv_is_checked(policy, message):
+    from archc.api import check
+    from archc.errors import ArchError
+    src = REWRITE.replace("  cache rewrite_kv(attn, processor = proc, delimiter = 1, top = top)", "  " + policy)
+    with pytest.raises(ArchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check(src)
+
+
+def test_bottlenecked_rewrite_kv_needs_the_kv_decode_path_and_a_k_v_processor():
+    from archc.api import check
+    from archc.errors import ArchError
+    scan = REWRITE.replace("  output logits = head(x + attn(x))",
+                           "  x = x + attn(x)\n  output logits = head(cumsum(x, axis = 1))")
+    with pytest.raises(ArchError, match="decodes by recomputing") as err:
+        check(scan)
+    assert err.value.span.line == scan.splitlines().index(
+        "  cache rewrite_kv(attn, processor = proc, delimiter = 1, top = top)") + 1
+    one = REWRITE.replace("return k + mix(k), v + mix(v)", "return k + mix(k)")
+    with pytest.raises(ArchError, match=r"must return the rewritten \(k, v\)"):
+        check(one)
+
+
+def test_bottlenecked_onnx_exports_the_forward_and_refuses_the_decode_step():
+    pytest.importorskip("onnx")
+    from archc.api import export_onnx
+    from archc.backends.onnx import export_decode, seeded_weights
+    from archc.errors import ArchError
+    (e,) = export_onnx(stdlib.path("bottlenecked_tf"))
+    assert e.decode is None and any("rewrite_kv" in n for n in e.forward.notes)
+    with pytest.raises(ArchError, match="cannot export a decode-step graph"):
+        export_decode(e.graph, seeded_weights(e.graph))

@@ -280,6 +280,35 @@ def test_decode_attention_matches_the_cache(case, dot):
         assert "kept" in cache.entries["a.attn"]          # the pruned layout was exercised
 
 
+def test_decode_attention_keeps_what_a_cache_rewrite_reads():
+    """rewrite_kv (SPEC §11.1) scores earlier entries with the step's queries and the site's window:
+    the kernel's launcher records them like KVCache.attend, so rewrites and later steps agree."""
+    g = graph(DECODE.replace("@WINDOW@", "4").replace("@POLICIES@", ""))
+    node = next(n for n in nodes(g, Op.ATTEND) if n.attr("site") == "a.attn")
+    fn, _ = load(decode_attention.generate(node, g))
+
+    def processor(k, v, pos):
+        return k * 2 + pos[..., None, None], v - 1
+
+    rewrites = {"a.attn": (3, 2, processor)}
+    ref_cache, cache = rt.KVCache({}, rewrites), rt.KVCache({}, rewrites)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.tensor([[0, 3, 0, 0, 0, 3, 0, 3], [0, 0, 3, 0, 0, 0, 3, 0]])
+    cfg = {**SMALL, "BLOCK_M": 4, "BLOCK_N": 4}
+    for piece in ref_cache.pieces(tokens):
+        T = piece.shape[1]
+        q, k, v = (torch.randn(2, T, h, 6, generator=gen) for h in (4, 2, 2))
+        pos = (ref_cache.length + torch.arange(T))[None].expand(2, T)
+        close(fn(cache, "a.attn", "a.attn", q, k, v, pos, 4, None, cfg),
+              ref_cache.attend("a.attn", "a.attn", q, k, v, pos, 4))
+        for c in (ref_cache, cache):
+            c.length += T
+            c.rewrite(piece)
+    for name in ("k", "v", "q_step"):
+        close(cache.entries["a.attn"][name], ref_cache.entries["a.attn"][name])
+    assert cache.steps == {3: [8, 7]} and cache.windows == {"a.attn": 4}
+
+
 def test_decode_attention_specialises_on_policies():
     srcs = {}
     for case, (window, policies) in _DEC_CASES.items():

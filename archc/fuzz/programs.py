@@ -6,7 +6,8 @@ indices, `grad last`, `halt when`; `route` by `topk` (capacity, `among`, `weight
 `where`; segment scans with carried state and stacked outputs; the three memories (NeuralMemory,
 LinearMemory, Bank); every primitive layer; built-in attention with RoPE; caching policies
 (`share_kv` across recursions or from a source layer, `stochastic_share`, `recursion_wise`,
-`prune_key_channels`, `topk_decode`, `rewrite_kv`); random small sizes.
+`prune_key_channels`, `topk_decode`, `rewrite_kv` with a zero-initialised processor block when the
+program decodes from a K/V cache); random small sizes.
 
 Every statement keeps a *stream* variable's type (`f32[B, L, d]`, where `L` is `T`, a segment
 size, or the compacted length inside a top-k route), so any statement can follow any other; the
@@ -63,6 +64,7 @@ class Gen:
         self.sizes = self._sizes()
         self.lossy_decode = False
         self.segs: list[str] = []
+        self.rewrites: list[tuple[str, list[str], str]] = []   # rewrite_kv: (processor block, layer, policy)
 
     # names and sizes ------------------------------------------------------------------------------
     def fresh(self, prefix: str) -> str:
@@ -434,7 +436,13 @@ class Gen:
         lines += _indent(self.policies())
         lines.append("}")
         doc = ["# A random architecture written by archc.fuzz.programs."]
-        return "\n".join(doc + self.blocks + lines) + "\n"
+        text = "\n".join(doc + self.blocks + lines) + "\n"
+        if self.rewrites and _kv_decodable(text):      # rewrite_kv needs the K/V decode path (SPEC §11.1)
+            blocks = [b for b, _, _ in self.rewrites]
+            lines[-1:] = _indent([x for _, layer, _ in self.rewrites for x in layer] +
+                                 [policy for _, _, policy in self.rewrites]) + ["}"]
+            text = "\n".join(doc + self.blocks + blocks + lines) + "\n"
+        return text
 
     def policies(self) -> list[str]:
         r = self.rng
@@ -467,13 +475,41 @@ class Gen:
                 elif kind == "topk":
                     out.append(f"cache topk_decode({s.path}, k = 64, dense_heads = 1)")
                 else:
-                    out.append(f"cache rewrite_kv({s.path}, every = 4, keep = 2)")
+                    self.rewrites.append(self._rewrite(s))
                 used.add(s.path)
         return out
+
+    def _rewrite(self, s: Site) -> tuple[str, list[str], str]:
+        """A rewrite_kv policy on site `s`: (its processor block, the layer line, the policy line). The
+        processor's output starts at zero (the identity), so decoding stays exact and comparable."""
+        r = self.rng
+        block, layer = self.fresh("Rw"), self.fresh("rw")
+        lines = [f"block {block}(nh: int, hd: int) {{",
+                 "  input k: f32[B, N, nh, hd]",
+                 "  input v: f32[B, N, nh, hd]",
+                 '  layer mix = Linear(hd, hd, init = "zeros")',
+                 "  return k + mix(k), v + mix(v)",
+                 "}",
+                 ""]
+        policy = (f"cache rewrite_kv({s.path}, processor = {layer}, delimiter = {r.choice([0, 1, 2])}, "
+                  f"top = {r.choice([0, 1, 2])})")
+        return "\n".join(lines), [f"layer {layer} = {block}({s.kv}, d / heads)"], policy
 
 
 def _indent(lines: list[str]) -> list[str]:
     return ["  " + line for line in lines]
+
+
+def _kv_decodable(text: str) -> bool:
+    """Whether a checked program decodes from a per-site K/V cache (a program that does not check
+    is left as it is, for the harness to report)."""
+    from archc.api import lower
+    from archc.errors import ArchError
+    from archc.ir.analysis import kv_decode_blocker
+    try:
+        return all(kv_decode_blocker(g) is None for g in lower(text))
+    except ArchError:
+        return False
 
 
 def random_program(seed: int, max_stmts: int = 6, max_depth: int = 2) -> str:

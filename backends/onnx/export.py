@@ -136,10 +136,20 @@ def export_forward(g: Graph, weights: dict[str, np.ndarray], bindings: dict[str,
     results = mm.lw.region(mm.top, g.body, args)
     for name, value, ir in zip(g.output_names, results, g.body.results):
         mm.add_output(name, value, mm.lw.types[ir])
-    return mm.model("forward", f"archc forward graph of {g.name}")
+    notes = (f"no decode-step graph: {_REWRITE_REFUSAL}",) if cache_rewrite(g) is not None else ()
+    return mm.model("forward", f"archc forward graph of {g.name}", notes)
 
 
 # -- decoding ---------------------------------------------------------------------------------------
+
+_REWRITE_REFUSAL = ("the `rewrite_kv` policy rewrites the decode cache with a processor network after every "
+                    "delimiter token (data-dependent, per sample), which a decode-step graph does not express; "
+                    "decode with the PyTorch module's prefill/decode (the forward graph is the backbone)")
+
+
+def cache_rewrite(g: Graph):
+    """The graph's `rewrite_kv` policy, if any: its decode runs in the PyTorch runtime only (SPEC §21.4)."""
+    return next((p for p in g.policies if p.kind == "rewrite_kv"), None)
 
 
 def _attention_instances(g: Graph) -> list[tuple[Node, list[Node]]]:
@@ -170,6 +180,10 @@ def decode_kind(g: Graph) -> str | None:
 def export_decode(g: Graph, weights: dict[str, np.ndarray], bindings: dict[str, Any] | None = None,
                   runtime: list[str] | None = None) -> Exported | None:
     """The decode-step graph of a language model (None for other graphs); see SPEC.md §21."""
+    rewrite = cache_rewrite(g)
+    if rewrite is not None:
+        raise ArchError(f"cannot export a decode-step graph of `{g.name}`: {_REWRITE_REFUSAL}", rewrite.span,
+                        hint="export the forward graph only (archc.api.export_onnx does this for such models)")
     kind = decode_kind(g)
     if kind is None:
         return None

@@ -312,7 +312,7 @@ def _@NAME@_launch(kernel, tag, config, q, ko, kept, kn, v, qpos, idx, out, lse,
 
 def @NAME@(cache, key, site, q, k, v, positions, window=0, reads=None, config=None):
     """Cached attention for `site` (@DOC@): appends k/v (or reads `reads`) and attends."""
-    e = cache.store(key, site, q, k, v, reads)
+    e = cache.store(key, site, q, k, v, reads, window)
     q = q.float().contiguous()
     qpos = positions.contiguous()
     vv = e["v"].float().contiguous()
