@@ -82,13 +82,48 @@ def _fold_once(nodes: list[Node], results: tuple[str, ...], ctx: _Ctx) -> list[N
     ids: dict[tuple, int] = {}
     sig = [ids.setdefault(signature(nodes[i]), len(ids)) for i in compute]
     atoms = {n.out.name: atom_key(n) for n in nodes if is_atom(n)}
+    home = {name: c for c, i in enumerate(compute) for name in defined_names(Region((), (nodes[i],), ()))}
     for s in range(len(compute)):
-        found = best_run(sig, s, lambda p, k: _plan(nodes, compute, s, p, k, results, atoms, ctx))
+        viable: dict[int, bool] = {}
+
+        def plan(p: int, k: int, s=s, viable=viable) -> _Run | None:
+            if p not in viable:
+                viable[p] = _second_copy_fits(nodes, compute, s, p, atoms, home)
+            return _plan(nodes, compute, s, p, k, results, atoms, ctx) if viable[p] else None
+
+        found = best_run(sig, s, plan)
         if found is not None:
             best = found[0]
             span = nodes[best.first:best.last + 1]
             return nodes[:best.first] + [n for n in span if is_atom(n)] + [best.loop(ctx)] + nodes[best.last + 1:]
     return None
+
+
+class _Copy:
+    """The values copy number `c` of period p starting at s defines (membership without building the set)."""
+
+    def __init__(self, home: dict[str, int], lo: int, hi: int):
+        self.home, self.lo, self.hi = home, lo, hi
+
+    def __contains__(self, name: str) -> bool:
+        return self.lo <= self.home.get(name, -1) < self.hi
+
+
+def _second_copy_fits(nodes, compute, s, p, atoms, home) -> bool:
+    """A necessary condition for a run of any length with period p at s, checked node by node so a
+    mismatch stops early: copy 1 matches copy 0, and where copy 0 reads an outside value copy 1 reads
+    the same value (or the same atom) or an output of copy 0 (a carry). Without it a chain of n
+    distinct layers costs O(n^3) full `_plan` checks (a 400-layer chain took minutes)."""
+    m = Match(_Copy(home, s + p, s + 2 * p))
+    for t in range(p):
+        seen = len(m.free)
+        if not m.node(nodes[compute[s + t]], nodes[compute[s + p + t]]):
+            return False
+        for a, b in list(m.free.items())[seen:]:
+            same = b == a or (a in atoms and atoms.get(b) == atoms[a])
+            if not same and not s <= home.get(b, -1) < s + p:
+                return False
+    return True
 
 
 def _plan(nodes, compute, s, p, k, results, atoms, ctx: _Ctx) -> _Run | None:

@@ -106,6 +106,22 @@ def test_fold_three_is_one_loop_of_three_trips():
     assert flops["O0"] == flops["O2"]                 # folding moves no arithmetic: the same FLOPs
 
 
+def test_fold_rejects_a_chain_of_distinct_layers_without_planning_each_candidate(monkeypatch):
+    """A stack of n different layers has the same op signature everywhere; each candidate run's
+    second copy reads other weights, so it is rejected after one node instead of a full `_plan`
+    (which made a 400-layer chain from the fuzzer take minutes: O(n^3) node matches)."""
+    import importlib
+    fold = importlib.import_module("archc.passes.fold_loops")     # the package exports the pass function by this name
+    calls = []
+    plan = fold._plan
+    monkeypatch.setattr(fold, "_plan", lambda *a: calls.append(a[3:5]) or plan(*a))
+    layers = "".join(f"  layer l{i} = Linear(d, d)\n  x = l{i}(x)\n" for i in range(40))
+    (g,) = api.check("arch Chain(d: int = 4) {\n  input x: f32[B, T, d]\n" + layers + "  output y = x\n}\n")
+    assert get_pass("fold-loops")(g) == g and calls == []
+    (g,) = api.check(GOLDEN / "fold_three.arch")
+    assert any(n.op is Op.LOOP for n in get_pass("fold-loops")(g).body.nodes) and calls   # still folds
+
+
 # -- -O2 over every stdlib model ---------------------------------------------------------------------------
 
 _CASES = [(n, g) for n in stdlib.names() for g in stdlib.graphs(n)]
