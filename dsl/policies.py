@@ -196,6 +196,8 @@ def build_policies(al) -> list[Policy]:
             if kw.name not in kind.options:
                 raise al.err(f"`{st.kind}` has no option `{kw.name}`", kw.span,
                              hint=("options: " + ", ".join(kind.options)) if kind.options else "it takes no options")
+            if kw.name in spans:
+                raise al.err(f"option `{kw.name}` is given twice", kw.span)
             typ = kind.options[kw.name][0]
             spans[kw.name] = kw.value.span
             if typ == "layer":
@@ -220,6 +222,8 @@ def build_policies(al) -> list[Policy]:
             else:
                 if not isinstance(v, Static) or v.kind == "bool":
                     raise al.err(f"`{kw.name}` must be a compile-time number", kw.value.span)
+                if typ == "int" and v.kind == "float":
+                    raise al.err(f"`{kw.name}` must be an integer, got {expr_str(v.expr)}", kw.value.span)
                 val = sympy.sympify(v.expr).subs(al.defaults)
                 if not val.is_number:
                     raise al.err(f"`{kw.name}` must be a compile-time number", kw.value.span)

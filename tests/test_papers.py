@@ -1731,6 +1731,8 @@ def test_bottlenecked_processor_module_matches_the_interpreter():
     ("cache rewrite_kv(attn, processor = proc)", "rewrite_kv needs `delimiter = ...`"),
     ("cache rewrite_kv(attn, processor = head, delimiter = 1)", "must name a layer declared from a block"),
     ("cache rewrite_kv(attn, processor = proc, delimiter = -1)", "delimiter must be a token id"),
+    ("cache rewrite_kv(attn, processor = proc, delimiter = 1.5)", "`delimiter` must be an integer, got 1.5"),
+    ("cache rewrite_kv(attn, processor = proc, delimiter = 1, delimiter = 2)", "option `delimiter` is given twice"),
     (("cache rewrite_kv(attn, processor = proc, delimiter = 1)\n"
       "  cache prune_key_channels(attn, ratio = 0.5)"), "also has prune_key_channels"),
 ])
