@@ -6,6 +6,8 @@
   inserted between elements and masked out of the loss.
 * N-parity and N-delayed-match-to-sample (stdlib `timescale_curriculum`): binary streams whose
   targets need the last N inputs, one target per N (the multi-head curriculum's heads).
+* Graph memorisation and in-weights path-finding (stdlib `geometric_memory`): the edges of a path
+  or a random tree as "u v" pairs, and path queries "source target SEP path" over the same graph.
 
 Everything is seeded and CPU-only; sizes are small enough for unit tests.
 """
@@ -127,3 +129,45 @@ def n_dms(batch: int, length: int, ns: list[int], seed: int = 0) -> tuple[torch.
         targets.append((x == x[:, (t - n).clamp(min=0)]).long())
         mask.append((t >= n).expand(batch, length))
     return x, torch.stack(targets, -1), torch.stack(mask, -1)
+
+
+def graph_edges(nodes: int, kind: str = "path", seed: int = 0) -> torch.Tensor:
+    """The edges of a graph on `nodes` nodes as (u, v) rows, both directions ([2 * (nodes - 1), 2]):
+    a path 0 - 1 - ... - (n-1), or a random tree (each node i > 0 joins a uniformly drawn earlier
+    node). The memorisation task of "Deep sequence models tend to memorize geometrically" (stdlib
+    `geometric_memory`): a model sees each edge as the pair "u v" (u predicts v)."""
+    if kind == "path":
+        parent = list(range(-1, nodes - 1))
+    elif kind == "tree":
+        rng = random.Random(seed)
+        parent = [-1] + [rng.randrange(i) for i in range(1, nodes)]
+    else:
+        raise ValueError(f"unknown graph kind {kind!r}; one of: path, tree")
+    one = torch.tensor([(parent[i], i) for i in range(1, nodes)], dtype=torch.long)
+    return torch.cat([one, one.flip(1)])
+
+
+def path_queries(edges: torch.Tensor, nodes: int, count: int, seed: int = 0) -> torch.Tensor:
+    """Path-finding queries on a tree (`graph_edges`): rows [source, target, SEP, path...] padded with
+    PAD, where SEP = nodes, PAD = nodes + 1 and the path runs from source to target (both included).
+    The paper's in-weights path-finding: the edges are only in the weights, never in the context."""
+    adj: dict[int, list[int]] = {i: [] for i in range(nodes)}
+    for u, v in edges.tolist():
+        adj[u].append(v)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        s, t = rng.sample(range(nodes), 2)
+        prev, todo = {s: s}, [s]
+        while todo:                                     # breadth-first search from s
+            u = todo.pop(0)
+            for v in adj[u]:
+                if v not in prev:
+                    prev[v] = u
+                    todo.append(v)
+        path = [t]
+        while path[-1] != s:
+            path.append(prev[path[-1]])
+        rows.append([s, t, nodes] + path[::-1])
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [nodes + 1] * (width - len(r)) for r in rows], dtype=torch.long)

@@ -1767,3 +1767,288 @@ def test_bottlenecked_onnx_exports_the_forward_and_refuses_the_decode_step():
     assert e.decode is None and any("rewrite_kv" in n for n in e.forward.notes)
     with pytest.raises(ArchError, match="cannot export a decode-step graph"):
         export_decode(e.graph, seeded_weights(e.graph))
+
+
+# -- 28 Deep sequence models memorize geometrically ----------------------------------------------------
+
+
+def test_geometric_memory_node2vec_places_nodes_by_graph_distance():
+    """Trained only on adjacent pairs of a 24-node path, with room for a lookup table (d = 32 >= 24),
+    Node2Vec's embeddings still order the pairs that never co-occurred by their distance in the graph."""
+    from archc.tasks import graph_edges
+    edges = graph_edges(24)                                              # [(u, v)] both directions
+    i = torch.arange(24)
+    hops = (i[:, None] - i[None, :]).abs().float()
+    far = hops > 1                                                       # pairs never seen together
+    cls = stdlib.load("geometric_memory", arch="Node2Vec")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = cls()
+        opt = torch.optim.Adam(m.parameters(), lr=0.05)
+        for _ in range(300):
+            logits = m(edges[None, :, 0])[0]
+            loss = torch.nn.functional.cross_entropy(logits, edges[:, 1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss < 0.67                                               # near the optimum, log 2 per inner node
+        e = m.embed.weight.detach()
+        e = torch.nn.functional.normalize(e - e.mean(0), dim=-1)
+        dist = torch.cdist(e, e)
+        assert torch.corrcoef(torch.stack([dist[far], hops[far]]))[0, 1] > 0.3, seed
+    # random embeddings carry no such order
+    e = torch.nn.functional.normalize(torch.randn(24, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    dist = torch.cdist(e, e)
+    assert abs(torch.corrcoef(torch.stack([dist[far], hops[far]]))[0, 1]) < 0.2
+
+
+def test_geometric_memory_path_queries_follow_the_tree():
+    from archc.tasks import graph_edges, path_queries
+    edges = graph_edges(12, "tree", seed=3)
+    adj = set(map(tuple, edges.tolist()))
+    rows = path_queries(edges, 12, count=20, seed=0)
+    for r in rows.tolist():
+        path = [v for v in r[3:] if v != 13]
+        assert r[2] == 12 and path[0] == r[0] and path[-1] == r[1]
+        assert all((a, b) in adj for a, b in zip(path, path[1:]))
+    (g, _) = stdlib.graphs("geometric_memory")
+    logits = run(g, init_params(g, {"nodes": 12}, seed=0), {"tokens": rows}, {"nodes": 12})["logits"]
+    assert logits.shape == (20, rows.shape[1], 14)                       # nodes + SEP + PAD
+
+
+# -- 26 Bi-Mem -------------------------------------------------------------------------------------------
+
+
+def test_bimem_spreading_activation_recalls_a_facts_siblings_through_its_scene():
+    """3 scenes of 4 facts; the query matches fact 5 (scene 1). Hierarchical search alone finds fact 5
+    only; two hops of spreading activation bring in its scene's other facts, not the other scenes'."""
+    (g,) = stdlib.graphs("bimem")
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.randn(3, 32, generator=gen)
+    facts = centre.repeat_interleave(4, 0) + 0.8 * torch.randn(12, 32, generator=gen)
+    member = torch.nn.functional.one_hot(torch.arange(12) // 4, 4).bool()   # scene 3 stays empty
+    query = facts[5] + 0.1 * torch.randn(32, generator=gen)
+    inputs = {"query": query[None], "facts": facts[None], "member": member[None]}
+    b = {"top_facts": 1, "top_scenes": 1, "k": 4}
+    flat = run(g, {}, inputs, dict(b, hops=0))
+    assert flat["fact_activation"][0].nonzero()[:, 0].tolist() == [5]
+    out = run(g, {}, inputs, b)
+    assert out["recalled"][0].nonzero()[:, 0].tolist() == [4, 5, 6, 7]
+    act = out["fact_activation"][0]
+    assert act[4:8].min() > torch.cat([act[:4], act[8:]]).max() and act[5] == act.max()
+    # by hand: one hop spreads the initial activations both ways at once
+    one = run(g, {}, inputs, dict(b, hops=1))
+    f = torch.nn.functional.normalize(facts, dim=-1)
+    scene = torch.nn.functional.normalize(member.float().T @ f / member.float().sum(0).clamp(min=1)[:, None], dim=-1)
+    a = member.float() * (f @ scene.T).clamp(min=0)                      # salience-weighted edges
+    torch.testing.assert_close(one["fact_activation"][0], flat["fact_activation"][0] + 0.5 * a @ flat["scene_activation"][0])
+    torch.testing.assert_close(one["scene_activation"][0], flat["scene_activation"][0] + 0.5 * a.T @ flat["fact_activation"][0])
+
+
+# -- 44 Few-shot continual learning, fast and slow weights ----------------------------------------------
+
+
+def test_fscl_fast_weights_learn_tasks_under_consolidation_and_slow_weights_average_them():
+    cls = stdlib.load("fscl_fastslow")
+    torch.manual_seed(0)
+    m = cls()
+    out = m(torch.randn(4, 16))
+    g_slow, g_fast = torch.autograd.grad(out["consolidation"] + out["fast_logits"].sum(), m.w1)[0]
+    assert g_slow.abs().max() == 0 and g_fast.abs().max() > 0           # only the fast copy is bound
+    gen = torch.Generator().manual_seed(0)
+    solutions, drift = [], {}
+    for lam in (0.0, 1.0):
+        torch.manual_seed(0)
+        m = cls()
+        solutions = []
+        for task in range(3):
+            proj = torch.randn(16, 5, generator=gen)
+            x = torch.randn(64, 16, generator=gen)
+            y = (x @ proj).argmax(-1)
+            with torch.no_grad():                                        # the fast weights start from the slow ones
+                for p in (m.w1, m.b1, m.w2, m.b2):
+                    p[1] = p[0]
+            opt = torch.optim.SGD([m.w1, m.b1, m.w2, m.b2], lr=0.1)
+            for _ in range(20):
+                out = m(x)
+                loss = torch.nn.functional.cross_entropy(out["fast_logits"], y) + lam * out["consolidation"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            solutions.append(m.w1[1].detach().clone())
+            beta = m.schedule_consolidate(task)["beta"]
+            with torch.no_grad():                                        # the second consolidation step
+                for p in (m.w1, m.b1, m.w2, m.b2):
+                    p[0] += beta * (p[1] - p[0])
+        # the slow weights are the mean of the fast solutions of the tasks seen
+        torch.testing.assert_close(m.w1[0].detach(), torch.stack(solutions).mean(0), atol=1e-6, rtol=1e-5)
+        drift[lam] = sum(float((s - m.w1[0].detach()).norm()) for s in solutions)
+    assert drift[1.0] < drift[0.0]                                       # consolidation keeps the fast weights near
+
+
+# -- 31 SuperLocalMemory -------------------------------------------------------------------------------
+
+
+def test_superlocalmemory_hopfield_channel_completes_a_noisy_cue():
+    (g,) = stdlib.graphs("superlocalmemory")
+    gen = torch.Generator().manual_seed(0)
+    mem = torch.nn.functional.normalize(torch.randn(1, 8, 32, generator=gen), dim=-1)
+    cue = mem[:, 3] + 0.9 * torch.randn(1, 32, generator=gen) / 32 ** 0.5
+    zero = torch.zeros(1, 8)
+    out = run(g, {}, {"query": cue, "memories": mem, "age": zero, "recalls": zero}, {"beta": 16.0})
+    before = torch.nn.functional.cosine_similarity(cue, mem[:, 3])
+    after = torch.nn.functional.cosine_similarity(out["state"], mem[:, 3])
+    assert before < 0.8 and after > 0.99                                # the state settles on pattern 3
+    assert out["recalled"][0, 3] and int(out["score"][0].argmax()) == 3
+    # one update by hand: xi_1 = X^T softmax(beta X q)
+    one = run(g, {}, {"query": cue, "memories": mem, "age": zero, "recalls": zero}, {"beta": 16.0, "steps": 1})
+    q = torch.nn.functional.normalize(cue, dim=-1)
+    torch.testing.assert_close(one["state"], torch.softmax(16.0 * mem[0] @ q[0], -1)[None] @ mem[0])
+
+
+def test_superlocalmemory_forgetting_curve_decays_with_age_and_recall_resets_it():
+    (g,) = stdlib.graphs("superlocalmemory")
+    mem = torch.nn.functional.normalize(torch.randn(1, 6, 32), dim=-1)
+    age = torch.tensor([[0.0, 5.0, 20.0, 50.0, 50.0, 50.0]])
+    recalls = torch.tensor([[0.0, 0.0, 0.0, 0.0, 2.0, 9.0]])
+    out = run(g, {}, {"query": mem[:, 0], "memories": mem, "age": age, "recalls": recalls})
+    r = out["retention"][0]
+    torch.testing.assert_close(r, torch.exp(-age[0] / (10.0 * (1 + recalls[0]))))
+    assert r[0] == 1.0 and (r[:4].diff() < 0).all() and (r[3:].diff() > 0).all()
+    # an equally similar memory that is older ranks lower
+    twins = torch.cat([mem[:, :1], mem[:, :1]], 1)
+    out = run(g, {}, {"query": mem[:, 0], "memories": twins, "age": torch.tensor([[30.0, 1.0]]),
+                      "recalls": torch.zeros(1, 2)}, {"k": 1})
+    assert out["recalled"][0].tolist() == [False, True]
+
+
+# -- 32 G-Memory ---------------------------------------------------------------------------------------
+
+
+def test_g_memory_retrieves_the_similar_tasks_insight_and_interactions():
+    """Three past tasks; the query resembles task 2. Its interactions come down, its insight comes up;
+    with one hop over the query graph a linked task's insight joins the ranking."""
+    (g,) = stdlib.graphs("g_memory")
+    gen = torch.Generator().manual_seed(0)
+    past = torch.randn(1, 3, 32, generator=gen)
+    past[:, 0] = past[:, 0] + past[:, 2]                                  # task 0 resembles task 2 a little
+    query = past[:, 2] + 0.2 * torch.randn(1, 32, generator=gen)
+    links = torch.zeros(1, 3, 3, dtype=torch.bool)
+    links[0, 2, 0] = links[0, 0, 2] = True                              # tasks 0 and 2 are linked
+    supports = torch.zeros(1, 4, 3, dtype=torch.bool)
+    supports[0, 0, 0] = supports[0, 1, 1] = supports[0, 2, 2] = True    # insight i from task i; 3 unsupported
+    inputs = {"query": query, "past": past, "links": links, "supports": supports}
+    out = run(g, {}, inputs, {"hops": 0})
+    assert out["interactions"][0].tolist() == [False, False, True]
+    assert out["insights"][0].tolist() == [False, False, True, False]
+    out = run(g, {}, inputs, {"k_insights": 3})
+    assert out["related"][0].tolist() == [True, False, True]             # task 0 via the query graph
+    assert out["insights"][0].tolist() == [True, False, True, False]     # unrelated and unsupported insights stay out
+    sim = torch.nn.functional.cosine_similarity(query[:, None], past, dim=-1)[0]
+    torch.testing.assert_close(out["insight_score"][0], torch.stack([sim[0], torch.tensor(0.0), sim[2], torch.tensor(0.0)]))
+
+
+# -- 33 Mem4Nav ----------------------------------------------------------------------------------------
+
+
+def test_mem4nav_reversible_memory_decodes_what_it_wrote(monkeypatch):
+    write, read = stdlib.graphs("mem4nav")
+    p = init_params(write, seed=0)
+    assert {q.name for q in read.params} == set(p)                      # one state_dict for both
+    gen = torch.Generator().manual_seed(0)
+    tokens, obs = torch.randn(2, 6, 32, generator=gen), torch.randn(2, 6, 32, generator=gen)
+    y = run(write, p, {"tokens": tokens, "observation": obs})
+    assert (y["y1"] - tokens).abs().max() > 0.1                          # the write changed the state
+    back = run(read, p, {"y1": y["y1"], "y2": y["y2"]})
+    torch.testing.assert_close(back["tokens"], tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(back["observation"], obs, atol=1e-5, rtol=0)
+    from archc.ir import interpret
+    from archc.ir.shapes import DType
+    monkeypatch.setitem(interpret.TORCH_DTYPES, DType.F32, torch.float64)   # lossless up to fp64 rounding
+    p64 = {k: v.double() for k, v in p.items()}
+    y = run(write, p64, {"tokens": tokens.double(), "observation": obs.double()})
+    back = run(read, p64, {"y1": y["y1"], "y2": y["y2"]})
+    assert (back["tokens"] - tokens.double()).abs().max() < 1e-12
+    assert (back["observation"] - obs.double()).abs().max() < 1e-12
+
+
+# -- 10 CoMEM (GUI agents' continuous memory) ------------------------------------------------------------
+
+
+def test_comem_compresses_each_trajectory_into_fixed_soft_tokens_spliced_before_the_input():
+    (g,) = stdlib.graphs("comem_gui")
+    p = init_params(g, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 5), generator=gen)
+    for frames in (6, 11):                                               # any trajectory length ...
+        traj = torch.randn(2, 2, frames, 24, generator=gen)
+        out = run(g, p, {"trajectories": traj, "tokens": tokens}, {"frames": frames})
+        assert out["soft_tokens"].shape == (2, 16, 32)                   # ... gives k x 8 embeddings
+    # trajectory j fills soft tokens j*8 .. j*8+7: swapping the retrieved trajectories swaps the blocks
+    swapped = run(g, p, {"trajectories": traj.flip(1), "tokens": tokens}, {"frames": 11})
+    torch.testing.assert_close(swapped["soft_tokens"][:, :8], out["soft_tokens"][:, 8:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(swapped["soft_tokens"][:, 8:], out["soft_tokens"][:, :8], atol=1e-5, rtol=1e-4)
+    # the memory is a prefix every input token reads, and only through the soft tokens
+    other = run(g, p, {"trajectories": torch.randn(2, 2, 11, 24, generator=gen), "tokens": tokens}, {"frames": 11})
+    assert (other["logits"] - out["logits"]).abs().amax(-1).min() > 0    # every position sees the memory
+    q = dict(p, **{"proj.weight": torch.zeros_like(p["proj.weight"])})   # a blank memory: no trajectory content
+    a = run(g, q, {"trajectories": traj, "tokens": tokens}, {"frames": 11})["logits"]
+    b = run(g, q, {"trajectories": torch.randn(2, 2, 11, 24, generator=gen), "tokens": tokens}, {"frames": 11})["logits"]
+    torch.testing.assert_close(a, b)
+
+
+# -- 9 D-Mem ---------------------------------------------------------------------------------------------
+
+
+def _attend_by_hand(q, k, v, heads=4, mask=None):
+    split = lambda z: z.unflatten(-1, (heads, -1)).transpose(1, 2)      # noqa: E731
+    s = split(q) @ split(k).transpose(-1, -2) / (q.shape[-1] // heads) ** 0.5
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf"))
+    return (torch.softmax(s, -1) @ split(v)).transpose(1, 2).flatten(-2)
+
+
+def test_dmem_gate_routes_weak_retrievals_to_full_attention_over_the_history():
+    (g,) = stdlib.graphs("dmem")
+    p = init_params(g, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    facts, history = torch.randn(1, 16, 32, generator=gen), torch.randn(1, 24, 32, generator=gen)
+    questions = torch.cat([facts[:, :3] + 0.1 * torch.randn(1, 3, 32, generator=gen),   # answerable from facts
+                           torch.randn(1, 3, 32, generator=gen)], 1)                     # not in the bank
+    inputs = {"questions": questions, "facts": facts, "history": history}
+    w = lambda n: p[f"{n}.weight"]                                       # noqa: E731
+    match = torch.nn.functional.normalize(questions, dim=-1) @ torch.nn.functional.normalize(facts, dim=-1).transpose(1, 2)
+    top = torch.zeros_like(match, dtype=torch.bool).scatter(-1, match.topk(4, -1).indices, True)
+    fast = _attend_by_hand(questions @ w("q_fast").T, facts @ w("k_fast").T, facts @ w("v_fast").T, mask=top)
+    slow = _attend_by_hand(questions @ w("q_slow").T, history @ w("k_slow").T, history @ w("v_slow").T)
+    torch.testing.assert_close(run(g, p, inputs, {"threshold": 0.0})["answer"], fast, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run(g, p, inputs, {"threshold": 1.0})["answer"], slow, atol=1e-5, rtol=1e-4)
+    # a gate that trusts a retrieval with a strong best match (quality > 0.5 iff best > 0.6)
+    for k in ("gate.fc1.weight", "gate.fc1.bias", "gate.fc2.weight", "gate.fc2.bias"):
+        p[k] = torch.zeros_like(p[k])
+    p["gate.fc1.weight"][0, 0] = 1.0
+    p["gate.fc2.weight"][0, 0] = 20.0
+    p["gate.fc2.bias"][0] = -20.0 * float(torch.nn.functional.gelu(torch.tensor(0.6)))
+    out = run(g, p, inputs, {"threshold": 0.5})
+    assert out["slow"][0].tolist() == [False] * 3 + [True] * 3
+    torch.testing.assert_close(out["answer"], torch.cat([fast[:, :3], slow[:, 3:]], 1), atol=1e-5, rtol=1e-4)
+
+
+# -- 5 VideoLucy -----------------------------------------------------------------------------------------
+
+
+def test_videolucy_backtracks_coarse_to_fine_and_stops_when_confident():
+    (g,) = stdlib.graphs("videolucy")
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randn(1, 8, 32, generator=gen).expand(2, 8, 32)
+    question = torch.stack([frames[0, :4].mean(0),                     # a question about the first half
+                            frames[0, 5] + 0.05 * torch.randn(32, generator=gen)])   # ... about frame 5
+    out = run(g, {}, {"question": question, "frames": frames}, {"threshold": 0.95})
+    assert out["start"].tolist() == [0, 5] and out["width"].tolist() == [4, 1]   # sample 0 stopped a level early
+    f = torch.nn.functional.normalize
+    torch.testing.assert_close(out["evidence"][0], f(frames[0, :4].sum(0), dim=0))
+    torch.testing.assert_close(out["evidence"][1], f(frames[0, 5], dim=0))
+    assert (out["confidence"] > 0.95).all()
+    # without the confident stop every sample descends to a single frame
+    deep = run(g, {}, {"question": question, "frames": frames}, {"threshold": 2.0})
+    assert deep["width"].tolist() == [1, 1] and deep["start"][1] == 5

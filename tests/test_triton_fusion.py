@@ -123,6 +123,9 @@ def test_fused_region_must_hold_fusible_ops_only():
 
 _CASES = [(n, g) for n in stdlib.names() for g in stdlib.graphs(n)]
 _O2: dict[str, Graph] = {}
+# models with no elementwise or norm op at all: Node2Vec (geometric_memory) is one embedding lookup
+# and one contraction
+NOTHING_TO_FUSE = ("Node2Vec",)
 
 
 def _o2(g: Graph) -> Graph:
@@ -135,7 +138,8 @@ def _o2(g: Graph) -> Graph:
 def test_o2_fuses_keeps_semantics_and_is_a_fixpoint(name, g):
     h = _o2(g)
     assert h.output_names == g.output_names and h.params == g.params
-    assert any(n.op is Op.FUSED for n in h.walk()), "every stdlib model has a norm or an elementwise chain"
+    assert any(n.op is Op.FUSED for n in h.walk()) or g.name in NOTHING_TO_FUSE, \
+        "every stdlib model has a norm or an elementwise chain"
     for n in h.walk():
         if n.op is Op.FUSED:
             body = n.regions[0].nodes
