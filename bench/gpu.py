@@ -96,6 +96,7 @@ class Case:
 GPU_CASES = [          # the models with kernel-family nodes first: a run cut by --budget-s keeps them
     Case("examples/gated_recurrences.arch", {"d": 1024}, batch=8, seq=2048, arch="GatedRNN"),     # gated_scan
     Case("titans", {"d": 512, "seg": 64}, batch=8, seq=1024),                                      # memory update
+    Case("lstm_pinn", {"hidden": 32, "depth": 8}, batch=65536, seq=None),                            # recursion body
     Case("depth_recurrent", {"d": 1024, "steps": 2}, batch=16, seq=1024),
     Case("mor", {"d": 1024, "n_r": 2}, batch=8, seq=2048),
     Case("hrm", {"d": 1024}, batch=128, seq=81),
@@ -181,6 +182,11 @@ def capture(g, case: Case, device: torch.device, per_model: int) -> list[Capture
                     ops = fused_gen.operands(n, g)
                     names = [o.name for o in ops]
                     args = [vals[o.name].item() if o.scalar else vals[o.name] for o in ops]
+                elif hasattr(family, "operands"):     # a region: inits, the values its body reads, sizes
+                    names = family.operands(n, g)
+                    body = {o.name: m for r in n.regions for m in r.walk() for o in m.outputs}
+                    args = list(ins) + [_operand(it, body, vals, x) for x in names[len(ins):]]
+                    args += [it.env.eval(e) for e, _ in family.sizes(n, g)]
                 else:
                     names, args = list(n.inputs), list(ins)
                 found[id(n)] = Captured(g, n, family, ks, names, args, dict(it.env.values))
@@ -201,6 +207,18 @@ def capture(g, case: Case, device: torch.device, per_model: int) -> list[Capture
         unique.setdefault(c.ks.name, c)
     fused = [c for c in unique.values() if c.family is fused_gen][:per_model]
     return [c for c in unique.values() if c.family is not fused_gen] + fused
+
+
+def _operand(it, inner: dict, vals: dict, name: str):
+    """An operand of a region kernel as the launcher receives it: a tensor, or a Python number for a
+    `const`; in-body weights and fills are evaluated here (the interpreter has not run them yet)."""
+    if name in vals:
+        v = vals[name]
+    else:
+        node = inner[name]
+        v = interpret.IMPL[node.op](it, node, [], vals)[0]
+    producer = next((m for m in it.g.walk() if any(o.name == name for o in m.outputs)), None)
+    return v.item() if producer is not None and producer.op is Op.CONST else v
 
 
 def _nbytes(xs) -> int:
@@ -239,6 +257,9 @@ def variants(c: Captured, module, smoke: bool):
         if c.node.op is Op.FUSED:
             vals = {n: (torch.as_tensor(a) if not torch.is_tensor(a) else a) for n, a in zip(c.names, args)}
             return impl(it, c.node, [], vals)
+        if c.node.regions:                   # a loop kernel: the interpreter runs the region on the operands
+            vals = {n: (torch.as_tensor(a) if not torch.is_tensor(a) else a) for n, a in zip(c.names, args)}
+            return impl(it, c.node, list(args[:len(c.node.inputs)]), vals)
         return impl(it, c.node, list(args), {})
 
     if c.node.op in NOT_COMPILED:

@@ -19,7 +19,13 @@ Cases (B batch, T length, d features, H/Hk query/K-V heads, D head size):
   half the key channels pruned, and LycheeDecode top-k (256 keys, 8 dense heads of 32);
 * memory_update: a Titans-sized mem_write (2-layer gelu MLP memory, d 512, hidden 1024, a
   64-token chunk, momentum and forget gate), forward and the second-order backward. torch.compile
-  runs the reference eagerly (it calls autograd.grad), so there is no compiled column.
+  runs the reference eagerly (it calls autograd.grad), so there is no compiled column;
+* recursion_body: a shared-weight loop of per-token work over 64k rows, every trip in one launch
+  (a pre-norm residual MLP, d 32/64 with hidden 64/128, 8 trips; an LSTM cell iterated 8 times,
+  hidden 32/64, as in LSTM-PINN) against the same loop as torch ops in a Python loop (the kernel
+  source's `<name>_torch`: what `--target torch` runs) and torch.compile of that loop. The largest
+  sizes sit at the on-chip bound (2^14 weight elements); the label says whether the launcher's
+  guard would take the kernel.
 
 `--smoke` runs every case on the CPU under TRITON_INTERPRET=1 at tiny sizes (numbers mean nothing;
 tests/test_triton_families.py runs it so the script does not rot).
@@ -48,8 +54,11 @@ import torch  # noqa: E402
 
 import archc.api as api  # noqa: E402
 from archc.backends import torch_runtime as rt  # noqa: E402
-from archc.backends.triton.families import decode_attention, gated_scan, memory_update, routing  # noqa: E402
+from archc.backends.triton.emit import generate  # noqa: E402
+from archc.backends.triton.families import (decode_attention, gated_scan, memory_update,  # noqa: E402
+                                            recursion_body, routing)
 from archc.ir.ops import Op  # noqa: E402
+from archc.passes import PRESETS, run_pipeline  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 HEADER = ("import torch\nimport triton\nimport triton.language as tl\n"
@@ -208,14 +217,60 @@ def memory_cases(sizes, device):
              [k, v, lr, eta, alpha] + ws + ss, True, False)]
 
 
+RECURSION = """
+arch ResMLP(d: int = 8, hidden: int = 16, steps: int = 4) {
+  input x: f32[B, d]
+  layer norm = RMSNorm(d)
+  layer mlp = MLP(d, hidden)
+  h = x
+  repeat t in steps {
+    h = h + mlp(norm(h))
+  }
+  output y = h
+}
+
+arch Cell(hidden: int = 32, depth: int = 8) {
+  input x: f32[B, hidden]
+  layer cell = LSTMCell(hidden, hidden)
+  h = zeros([B, hidden])
+  c = zeros([B, hidden])
+  repeat k in depth {
+    h, c = cell(x, h, c)
+  }
+  output y = h + c
+}
+"""
+
+
+def recursion_cases(sizes, device):
+    from bench.gpu import Case, capture
+    out = []
+    for arch, over, rows in sizes["recursion"]:
+        (g,) = [run_pipeline(g, PRESETS["O2"]) for g in api.check(RECURSION) if g.name == arch]
+        mod = api.exec_module(generate([g]).source, f"<bench-families:{arch}>", f"bench_families_{arch}_{rows}")
+        sys.modules[mod.__name__] = mod          # torch.compile imports the module of the function it traces
+        (c,) = [c for c in capture(g, Case(arch, over, batch=rows, seq=None), device, 0)
+                if c.family is recursion_body]
+        launcher, loop = getattr(mod, c.ks.name), getattr(mod, c.ks.name + "_torch")
+        fits = getattr(mod, c.ks.name + "_fits")(*c.args[len(c.args) - c.ks.meta["sizes"]:])
+        label = f"{arch} {', '.join(f'{k}={v}' for k, v in over.items())} rows={rows} (guard: {fits})"
+        out.append((label, c.ks, lambda *a, f=launcher: f(*a), lambda *a, f=loop: f(*a), c.args, True, True))
+    return out
+
+
 GPU_SIZES = {"scan": (16, 4096, 2048), "scan_compile_T": 128, "route": (8, 2048, 2048),
              "decode": (8, 8192, 32, 8, 128), "decode_top": 256,
-             "memory": (8, 64, 512, 1024)}
+             "memory": (8, 64, 512, 1024),
+             "recursion": [("ResMLP", {"d": 32, "hidden": 64, "steps": 8}, 65536),
+                           ("ResMLP", {"d": 64, "hidden": 128, "steps": 8}, 65536),
+                           ("Cell", {"hidden": 32, "depth": 8}, 65536),
+                           ("Cell", {"hidden": 64, "depth": 8}, 65536)]}
 SMOKE_SIZES = {"scan": (2, 12, 5), "scan_compile_T": 12, "route": (2, 8, 6), "decode": (1, 40, 4, 2, 8),
-               "decode_top": 4, "memory": (2, 5, 6, 4)}
+               "decode_top": 4, "memory": (2, 5, 6, 4),
+               "recursion": [("ResMLP", {"d": 8, "hidden": 16, "steps": 3}, 5), ("Cell", {"hidden": 8, "depth": 3}, 5)]}
 # cheapest to compile first: a run cut short by its budget still covers most families
-CASES = {"decode_attention": decode_cases, "routing": route_cases, "memory_update": memory_cases,
-         "gated_scan": scan_cases}
+CASES = {"decode_attention": decode_cases, "routing": route_cases, "recursion_body": recursion_cases,
+         "memory_update": memory_cases, "gated_scan": scan_cases}
 
 
 def _listed(out) -> list:

@@ -160,7 +160,11 @@ def test_autotune_flow_with_a_stand_in_device(monkeypatch, cache_home):
     data = json.loads(tune.cache_path(KEY).read_text())
     kernels = data["kernels"]
     assert any(k.startswith("fused_") for k in kernels) and any(k.endswith("_bwd") for k in kernels)
+    assert any(k.endswith("_path") for k in kernels)      # each fused launcher's size gate: torch vs kernel
     for name, entry in kernels.items():
         for bkt, hit in entry["buckets"].items():
-            assert bkt.startswith("R=") and hit["config"]["num_warps"] >= 1
+            if name.endswith("_path"):
+                assert bkt.startswith("n0=") and hit["config"] in [dict(p) for p in tune.PATHS]
+            else:
+                assert bkt.startswith("R=") and hit["config"]["num_warps"] >= 1
     assert lines[0].startswith("device: NVIDIA H200") and lines[-1].startswith("wrote ")

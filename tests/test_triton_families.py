@@ -472,5 +472,6 @@ def test_family_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     import json
     data = json.loads((tmp_path / "gpu_families_smoke.json").read_text())
-    assert {r["family"] for r in data["rows"]} == {"gated_scan", "routing", "decode_attention", "memory_update"}
+    assert {r["family"] for r in data["rows"]} == {"gated_scan", "routing", "decode_attention", "memory_update",
+                                                  "recursion_body"}
     assert all(r["max_err"] < 1e-4 for r in data["rows"])

@@ -183,6 +183,30 @@ def config(name: str, sizes, default: dict, configs, runner: Callable[[dict], An
     return hit
 
 
+# -- the size gate: a kernel's inline torch expression where launch overhead would dominate -----------
+
+PATHS = ({"path": "torch"}, {"path": "kernel"})     # the gate's space: `archc autotune` times both
+_AUTO = {"path": "auto"}                              # no cache entry: the declared threshold decides
+
+
+def torch_numel(default: int) -> int:
+    """A launcher's threshold, in elements, at or below which it runs its torch expression.
+    `$ARCHC_TRITON_TORCH_NUMEL` overrides every kernel's default (0: always the kernel; the tests
+    set it so that they exercise the kernels at their tiny sizes)."""
+    env = os.environ.get("ARCHC_TRITON_TORCH_NUMEL")
+    return int(env) if env not in (None, "") else int(default)
+
+
+def path(name: str, numel: int, threshold: int, runner: Callable[[dict], Any]) -> str:
+    """"torch" or "kernel" for one launch of `name` over `numel` elements: this GPU's tuned choice
+    for the size's bucket (`<name>_path` in the cache, timed by `archc autotune` as two
+    configurations), else "torch" when numel <= threshold."""
+    chosen = config(f"{name}_path", (numel,), _AUTO, PATHS, runner)["path"]
+    if chosen == "auto":
+        return "torch" if numel <= threshold else "kernel"
+    return chosen
+
+
 class Session:
     """Inside `with Session(cache, ...)`, every launch of a new (kernel, bucket) times each configuration.
 

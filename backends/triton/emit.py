@@ -35,7 +35,7 @@ from archc.ir.core import Graph, Node
 from archc.ir.ops import Op
 
 IMPORTS = ("import triton", "import triton.language as tl", "from archc.backends.triton import autotune as _tune")
-_GLOBALS = {"triton", "tl", "_tune", "rows_view", "rows_cols", "broadcast_shape"}
+_GLOBALS = {"triton", "tl", "_tune", "rows_view", "rows_cols", "broadcast_shape", "torch_backward"}
 
 
 def families() -> list:
@@ -117,10 +117,24 @@ class TritonEmitter(_Emitter):
         if family is fused_gen:
             args = [self.v(o.name) for o in fused_gen.operands(n, self.g)]
             expr = f"{ks.name}({', '.join(args)})"
+        elif hasattr(family, "operands"):        # a region node: the values its body reads, then sizes
+            names = family.operands(n, self.g)
+            for m in (m for r in n.regions for m in r.walk()):
+                if m.op in (Op.PARAM, Op.FULL) and m.out.name in names:
+                    super().node(m, indent)     # weights and fills the body reads: bound before the call
+            args = [self.v(i) for i in names] + [self.e(e, integer) for e, integer in family.sizes(n, self.g)]
+            expr = family.call(n, ks, args)
         else:
             expr = family.call(n, ks, [self.v(i) for i in n.inputs])
-        outs = [self.v(o.name) for o in n.outputs]
-        self.out(f"{', '.join(outs)} = {expr}" + ("  # " + ks.doc if ks.doc else ""), indent)
+        outs = [self.v(o.name) if o.name in self.read or len(n.outputs) == 1 else "_" for o in n.outputs]
+        line = f"{', '.join(outs)} = {expr}" + ("  # " + ks.doc if ks.doc else "")
+        if getattr(family, "guard", None) is None:
+            self.out(line, indent)
+            return
+        self.out(f"if {family.guard(n, ks, args)}:", indent)      # else: the node's own code
+        self.out(line, indent + 1)
+        self.out("else:", indent)
+        super().node(n, indent + 1)
 
     def _region_hit(self, n: Node):
         hit = self.plan.lookup(self.g, n)
@@ -153,9 +167,10 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", fams: li
     """The `--target triton` module for `graphs` (deterministic text)."""
     p = plan(graphs, fams)
     runtime = [inspect.getsource(fn).rstrip() for fn in
-               (triton_runtime.rows_cols, triton_runtime.broadcast_shape, triton_runtime.rows_view)]
+               (triton_runtime.rows_cols, triton_runtime.broadcast_shape, triton_runtime.rows_view,
+                triton_runtime.torch_backward)]
     load = "_tune.load()  # this GPU's tuned kernel configurations (kernels without an entry use their default)"
-    prelude = tuple([load] + runtime + [ks.source for ks in p.kernels.values()])
+    prelude = tuple(runtime + [load] + [ks.source for ks in p.kernels.values()])   # a def first: ruff I001
     return torch_generate(graphs, source_file, doc,
                           make_emitter=lambda g, cached=False: TritonEmitter(g, p, cached),
                           imports=IMPORTS, prelude=prelude)

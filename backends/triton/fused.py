@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from archc.backends.triton import torch_text
 from archc.backends.triton.kernel import KernelSource
 from archc.ir.core import Graph, Node, free_values
 from archc.ir.ops import NORM_OPS, Op
@@ -39,6 +40,14 @@ ROWS_CONFIGS = tuple({"BLOCK": b, "num_warps": w, "num_stages": 1}
                      for b, w in ((1024, 4), (2048, 4), (4096, 8), (8192, 8), (16384, 16), (2048, 8), (4096, 4)))
 FLAT_DEFAULT = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 ROWS_DEFAULT = {"BLOCK": 4096, "num_warps": 8, "num_stages": 1}
+
+# The size gate: a launch over at most this many elements runs the region's inline torch expression
+# (`<name>_torch`) instead of the kernel. From the H200 run (bench/results/gpu_nvidia_h200.md): every
+# fused kernel measured at <= 32768 elements ran at 0.05-0.44x of eager (launch overhead dominates),
+# and the next measured size was 2.2M elements; 2^18 is the geometric middle of that gap. Per GPU and
+# size bucket, `archc autotune` replaces it by the faster of the two paths, timed
+# (`autotune.path`); `$ARCHC_TRITON_TORCH_NUMEL` overrides it for every kernel.
+TORCH_NUMEL = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,71 @@ def _adj_binary(op: Op, g: str, a: str, b: str, y: str) -> tuple[str | None, str
         return (f"tl.where({a} {first} {b}, {g}, tl.where({a} == {b}, 0.5 * {g}, 0.0))",
                 f"tl.where({a} {second} {b}, {g}, tl.where({a} == {b}, 0.5 * {g}, 0.0))")
     return None, None
+
+
+def norm_forward(n: Node, t: str, ins: list[str], row_sum: Callable[[str], str], width: str,
+                 valid: Callable[[str], str]):
+    """Forward lines of a norm over a tile's rows (`row_sum(e)` sums e over the valid columns of each
+    row, `width` is their count, `valid(e)` is e with 0 outside them), and the row statistics its
+    backward reads."""
+    eps = repr(float(n.attr("eps")))
+    x = ins[0]
+    if n.op is Op.RMS_NORM:
+        return ([f"{t}_r = tl.rsqrt({row_sum(f'{x} * {x}')} / {width} + {eps})",
+                 f"{t} = {x} * {t}_r * {ins[1]}"], {"r": f"{t}_r"})
+    if n.op is Op.LAYER_NORM:
+        return ([f"{t}_mean = {row_sum(x)} / {width}",
+                 f"{t}_xc = {valid(f'{x} - {t}_mean')}",
+                 f"{t}_r = tl.rsqrt({row_sum(f'{t}_xc * {t}_xc')} / {width} + {eps})",
+                 f"{t}_xhat = {t}_xc * {t}_r",
+                 f"{t} = {t}_xhat * {ins[1]} + {ins[2]}"], {"r": f"{t}_r", "xhat": f"{t}_xhat"})
+    return ([f"{t}_n = tl.sqrt({row_sum(f'{x} * {x}')})",            # l2_normalize: x / max(||x||, eps)
+             f"{t}_d = tl.maximum({t}_n, {eps})",
+             f"{t} = {x} / {t}_d"], {"n": f"{t}_n", "d": f"{t}_d"})
+
+
+def norm_rule(n: Node, g: str, ins: list[str], extra: dict[str, str], row_sum: Callable[[str], str],
+              width: str) -> list[tuple[int, str]]:
+    """Closed-form row gradients of a norm: [(operand index, contribution)] for output adjoint g."""
+    if n.op is Op.RMS_NORM:
+        x, w = ins
+        r = extra["r"]
+        gx = f"{r} * {g} * {w} - {x} * {r} * {r} * {r} * ({row_sum(f'{g} * {w} * {x}')} / {width})"
+        return [(0, gx), (1, f"{g} * {x} * {r}")]
+    if n.op is Op.LAYER_NORM:
+        w = ins[1]
+        r, xhat = extra["r"], extra["xhat"]
+        gh = f"({g} * {w})"
+        gx = f"{r} * ({gh} - {row_sum(gh)} / {width} - {xhat} * ({row_sum(f'{gh} * {xhat}')} / {width}))"
+        return [(0, gx), (1, f"{g} * {xhat}"), (2, g)]
+    x = ins[0]
+    nrm, d = extra["n"], extra["d"]
+    eps = repr(float(n.attr("eps")))
+    dot = row_sum(f"{g} * {x}")
+    return [(0, f"{g} / {d} - {x} * tl.where({nrm} > {eps}, {dot} / ({d} * {d} * {nrm}), 0.0)")]
+
+
+def helper_source(name: str, pow_: bool, tanh: bool) -> list[str]:
+    """`<name>_pow` (a ** b as torch computes it) and `<name>_tanh` as @triton.jit helpers."""
+    out: list[str] = []
+    if pow_:
+        out += ["@triton.jit",
+                f"def {name}_pow(a, b):",
+                '    """a ** b as torch computes it (negative bases with integer exponents, 0 ** 0 = 1)."""',
+                "    mag = tl.exp(b * tl.log(tl.abs(a)))",
+                "    whole = b == tl.floor(b)",
+                "    odd = whole & ((b - 2.0 * tl.floor(b * 0.5)) == 1.0)",
+                '    neg = tl.where(whole, tl.where(odd, -mag, mag), float("nan"))',
+                "    return tl.where(b == 0.0, 1.0, tl.where(a < 0.0, neg, mag))",
+                "", ""]
+    if tanh:
+        out += ["@triton.jit",
+                f"def {name}_tanh(x):",
+                "    e = tl.exp(-2.0 * tl.abs(x))",
+                "    t = (1.0 - e) / (1.0 + e)",
+                "    return tl.where(x < 0.0, -t, t)",
+                "", ""]
+    return out
 
 
 class _Writer:
@@ -212,23 +286,8 @@ class _Writer:
         return lines
 
     def norm_forward(self, n: Node, t: str, ins: list[str]) -> list[str]:
-        eps = repr(float(n.attr("eps")))
-        x = ins[0]
-        if n.op is Op.RMS_NORM:
-            self.extra[t] = {"r": f"{t}_r"}
-            return [f"{t}_r = tl.rsqrt({self.row_sum(f'{x} * {x}')} / C + {eps})",
-                    f"{t} = {x} * {t}_r * {ins[1]}"]
-        if n.op is Op.LAYER_NORM:
-            self.extra[t] = {"r": f"{t}_r", "xhat": f"{t}_xhat"}
-            return [f"{t}_mean = {self.row_sum(x)} / C",
-                    f"{t}_xc = tl.where(inside, {x} - {t}_mean, 0.0)",
-                    f"{t}_r = tl.rsqrt({self.row_sum(f'{t}_xc * {t}_xc')} / C + {eps})",
-                    f"{t}_xhat = {t}_xc * {t}_r",
-                    f"{t} = {t}_xhat * {ins[1]} + {ins[2]}"]
-        self.extra[t] = {"n": f"{t}_n", "d": f"{t}_d"}          # l2_normalize: x / max(||x||, eps)
-        return [f"{t}_n = tl.sqrt({self.row_sum(f'{x} * {x}')})",
-                f"{t}_d = tl.maximum({t}_n, {eps})",
-                f"{t} = {x} / {t}_d"]
+        lines, self.extra[t] = norm_forward(n, t, ins, self.row_sum, "C", lambda e: f"tl.where(inside, {e}, 0.0)")
+        return lines
 
     def store(self, ptr: str, value: str, name: str) -> str:
         v = value if self.tile.get(name, True) else f"tl.where(inside, {value}, {value})"
@@ -276,25 +335,8 @@ class _Writer:
     def rule(self, n: Node, g: str) -> list[tuple[int, str]]:
         ins = [self.var[i] for i in n.inputs]
         y = self.var[n.out.name]
-        if n.op is Op.RMS_NORM:
-            x, w = ins
-            r = self.extra[y]["r"]
-            gx = (f"{r} * {g} * {w} - {x} * {r} * {r} * {r} * "
-                  f"({self.row_sum(f'{g} * {w} * {x}')} / C)")
-            return [(0, gx), (1, f"{g} * {x} * {r}")]
-        if n.op is Op.LAYER_NORM:
-            w = ins[1]
-            r, xhat = self.extra[y]["r"], self.extra[y]["xhat"]
-            gh = f"({g} * {w})"
-            gx = (f"{r} * ({gh} - {self.row_sum(gh)} / C - {xhat} * "
-                  f"({self.row_sum(f'{gh} * {xhat}')} / C))")
-            return [(0, gx), (1, f"{g} * {xhat}"), (2, g)]
-        if n.op is Op.L2_NORMALIZE:
-            x = ins[0]
-            nrm, d = self.extra[y]["n"], self.extra[y]["d"]
-            eps = repr(float(n.attr("eps")))
-            dot = self.row_sum(f"{g} * {x}")
-            return [(0, f"{g} / {d} - {x} * tl.where({nrm} > {eps}, {dot} / ({d} * {d} * {nrm}), 0.0)")]
+        if n.op in NORM_OPS:
+            return norm_rule(n, g, ins, self.extra[y], self.row_sum, "C")
         if n.op is Op.WHERE:
             return [(1, f"tl.where({ins[0]}, {g}, 0.0)"), (2, f"tl.where({ins[0]}, 0.0, {g})")]
         if n.op is Op.DETACH:
@@ -383,24 +425,7 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
     n_out = len(node.regions[0].results)
     tensors = [i for i, o in enumerate(ops) if not o.scalar]
     args = [f"s{i}" if o.scalar else f"x{i}" for i, o in enumerate(ops)]
-    out: list[str] = []
-    if w.uses_pow:
-        out += ["@triton.jit",
-                f"def {name}_pow(a, b):",
-                '    """a ** b as torch computes it (negative bases with integer exponents, 0 ** 0 = 1)."""',
-                "    mag = tl.exp(b * tl.log(tl.abs(a)))",
-                "    whole = b == tl.floor(b)",
-                "    odd = whole & ((b - 2.0 * tl.floor(b * 0.5)) == 1.0)",
-                '    neg = tl.where(whole, tl.where(odd, -mag, mag), float("nan"))',
-                "    return tl.where(b == 0.0, 1.0, tl.where(a < 0.0, neg, mag))",
-                "", ""]
-    if w.uses_tanh:
-        out += ["@triton.jit",
-                f"def {name}_tanh(x):",
-                "    e = tl.exp(-2.0 * tl.abs(x))",
-                "    t = (1.0 - e) / (1.0 + e)",
-                "    return tl.where(x < 0.0, -t, t)",
-                "", ""]
+    out: list[str] = helper_source(name, w.uses_pow, w.uses_tanh)
     out += ["@triton.jit",
             f"def {name}_fwd({w.signature(False)}):",
             f'    """{_describe(node)} (forward)."""']
@@ -443,6 +468,12 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
     sig = ", ".join(args)
     results = node.regions[0].results
     outs = [f"y{k}" for k in range(n_out)]
+    out += [f"def {name}_torch({sig}):",
+            f'    """{_describe(node)}: the inline torch expression (small sizes, differentiable backward)."""']
+    var = {o.name: a for o, a in zip(ops, args)}
+    lines = torch_text.statements(list(node.regions[0].nodes), var, {f"s{i}" for i, o in enumerate(ops) if o.scalar},
+                                  {})
+    out += ["    " + line for line in lines] + [f"    return {', '.join(var[y] for y in results)}", "", ""]
     out += [f"def {name}_run({sig}):",
             f'    """{_describe(node)}: the forward kernel (no autograd)."""']
     out += views("    ")
@@ -474,6 +505,8 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
                 f"        {', '.join(f'x{i}' for i in tensors)}, = ctx.saved_tensors"]
         if scalars:
             out.append(f"        {', '.join(scalars)}, = ctx.scalars")
+        out += ["        if torch.is_grad_enabled():      # create_graph: autograd through the torch expression",
+                f"            return torch_backward({name}_torch, ({sig},), ({', '.join(f'g{k}' for k in range(n_out))},))"]
         out += views("        ")
         gs = ", ".join(f"g{k}.contiguous()" for k in range(n_out))
         dxs = ", ".join(f"torch.empty(shape, dtype=torch.float32, device=x{tensors[0]}.device)" for _ in grads)
@@ -486,11 +519,21 @@ def _source(name, node, ops, rows, w: _Writer, fwd, bwd, grads, configs, default
         rets = [f"dxs[{gi[i]}].sum_to_size(x{i}.shape).to(x{i}.dtype)" if i in gi else "None"
                 for i in range(len(ops))]
         out += [f"        return {', '.join(rets)}", "", ""]
-    out += [f"def {name}({sig}):",
-            f'    """{_describe(node)}."""']
+    out += [f"def {name}_kernel({sig}):",
+            f'    """{_describe(node)}: the generated kernels."""']
     if grads:
         need = " or ".join(f"x{i}.requires_grad" for i in grads)
         out += [f"    if torch.is_grad_enabled() and ({need}):",
                 f"        return {name}_fn.apply({sig})"]
     out.append(f"    return {name}_run({sig})")
+    shape = f"broadcast_shape({', '.join(f'x{i}.shape' for i in tensors)})"
+    out += ["", "",
+            f"{const}_TORCH_NUMEL = _tune.torch_numel({TORCH_NUMEL})   # at most this many elements: torch (SPEC §19.2)",
+            "", "",
+            f"def {name}({sig}):",
+            f'    """{_describe(node)}: the kernels, or the torch expression where launch overhead dominates."""',
+            f"    if _tune.path({name!r}, {shape}.numel(), {const}_TORCH_NUMEL,",
+            f'                  lambda c: ({name}_torch if c["path"] == "torch" else {name}_kernel)({sig})) == "torch":',
+            f"        return {name}_torch({sig})",
+            f"    return {name}_kernel({sig})"]
     return "\n".join(out) + "\n"

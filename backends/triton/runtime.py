@@ -63,3 +63,21 @@ def rows_view(t, shape):
         return e, e.shape[-1], 1, True
     cs = e.stride()[-1] if e.shape[-1] != 1 else 0
     return e, rs, cs, (cs == 1 and rs == e.shape[-1])
+
+
+def torch_backward(fn, args, grads):
+    """Gradients of `fn(*args)` for `grads` by autograd through fn's torch ops, with a graph
+    (`create_graph`): the differentiable backward a launcher uses when asked for higher derivatives.
+    Each tensor argument is differentiated through its own view, so a tensor passed twice gets
+    one gradient per position (autograd.Function sums them)."""
+    args = [a.view_as(a) if torch.is_tensor(a) and a.requires_grad else a for a in args]
+    with torch.enable_grad():
+        outs = fn(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    need = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    if not pairs or not need:
+        return (None,) * len(args)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], create_graph=True,
+                                   allow_unused=True))
+    return tuple(next(got) if torch.is_tensor(a) and a.requires_grad else None for a in args)
