@@ -314,6 +314,33 @@ arch Mix(d: int = 8) {{
         recursion_body.Body(loop, g)
 
 
+def test_grad_last_with_a_pass_through_carry_keeps_the_per_step_path():
+    """Found by random programs: a value a no-grad trip passes through unchanged keeps its history in
+    the reference (no op runs on it), so the gradient reaches the initial carry; the kernel's backward
+    stops at `grad last`, so such loops are not matched (and the module still agrees)."""
+    src = """
+arch PassThrough(d: int = 4) {
+  input x: f32[B, d]
+  layer f = Linear(d, d)
+  a = x
+  b = x * 2.0
+  repeat t in 3 grad last 1 {
+    n = tanh(f(a))
+    a = b
+    b = n
+  }
+  output y = a + b
+}
+"""
+    g, loop = _loop(src)
+    with pytest.raises(recursion_body.Reject, match="passes a value through"):
+        recursion_body.Body(loop, g)
+    g = run_pipeline(g, PRESETS["O2"])
+    mod, code = _module([g], "passthrough")
+    assert "recursion_body_" not in code
+    _compare(g, mod, example_inputs(g, {}, batch=3, seed=0))
+
+
 def test_depth_recurrent_block_has_attention_and_is_not_a_kernel():
     for g in stdlib.graphs("depth_recurrent") + stdlib.graphs("hrm"):
         g = run_pipeline(g, PRESETS["O2"])

@@ -137,6 +137,12 @@ class Body:
         self.pieces: list[Piece] = []
         self.memo: dict[tuple, int] = {}
         self.carry_piece: dict[int, int] = {}
+        if node.attr("grad_last") is not None:
+            for y in region.results:
+                if self.resolve(y) not in self.defs or self.defs[self.resolve(y)].op in _SOURCES:
+                    # a value a no-grad trip passes through unchanged keeps its autograd history (the
+                    # interpreter runs no op on it), so the trips before `grad last` would matter
+                    raise Reject("under `grad last`, a carry passes a value through unchanged")
         self.results = [self.demand(self.resolve(y), 0, self.width_of(y)) for y in region.results]
         self._check_leaves()
         self._check_budget()
