@@ -925,6 +925,8 @@ def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[
     tok_name = step[0].split("(self, ")[1].split(",")[0]
     pre = [f"        positions = cache.length + torch.arange({tok_name}.shape[1], device={tok_name}.device)"
            f"[None].expand({tok_name}.shape[0], -1)"]
+    if not any(re.search(r"\bpositions\b", line) for line in step[1:]):
+        pre = []                    # no rope or attention reads the positions (Node2Vec)
     body_end = max(i for i, line in enumerate(step) if line.startswith("        return "))
     step = step[:1] + pre + step[1:body_end] + [f"        cache.length += {tok_name}.shape[1]"] + step[body_end:]
     self_names = {s.name: "self." + em.sym_names()[s.name] for s in g.symbols if s.kind != "dim"}
@@ -1057,12 +1059,12 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     out += ['"""']
     if uses_math or runtime & {"attention"}:
         out += ["import math", ""]
-    out += ["import torch", "import torch.nn.functional as F", *imports, "from torch import nn"]
+    body: list[str] = []
     if "memory_write" in runtime:
         runtime.add("lq_normalize")            # memory_write applies it for the l_q retention
     if runtime & {"mlp_memory", "memory_write"}:
         runtime.add("mlp_memory")
-        out += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
+        body += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
     if "KVCache" in runtime:
         runtime |= {"topk_attention", "causal_scores"}
     if "route_keep" in runtime:
@@ -1070,13 +1072,20 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     if runtime & {"attention", "topk_attention"}:
         runtime.add("repeat_kv")
     for fn in sorted(runtime, key=_runtime_order):
-        out += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
+        body += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
     for text in prelude:
-        out += ["", "", text.rstrip()]
-    out += ["", ""] + _HELPERS.strip().splitlines()    # two blank lines after the imports or the last function
+        body += ["", "", text.rstrip()]
+    body += ["", ""] + _HELPERS.strip().splitlines()   # two blank lines before a function or a class
     for cls in classes:
-        out += ["", ""] + cls
-    text = "\n".join(out) + "\n"
+        body += ["", ""] + cls
+    # the imports the module uses (F only when something calls it); after them, one blank line
+    # before a statement and two before a definition (ruff's isort, I001)
+    uses_f = any(re.search(r"\bF\.", line) for line in body)
+    out += ["import torch", *(["import torch.nn.functional as F"] if uses_f else []), *imports, "from torch import nn"]
+    first = next(i for i, line in enumerate(body) if line)
+    if not body[first].startswith(("def ", "class ", "@")):
+        body = body[first - 1:]
+    text = "\n".join(out + body) + "\n"
     return GeneratedCode(text, class_names)
 
 

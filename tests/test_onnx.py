@@ -462,3 +462,18 @@ def test_O2_graphs_with_fusion_regions_export_and_agree(name):
     w = seeded_weights(g0, seed=0)
     inputs = example_inputs(g0, seq=2 * _step(g0) if _step(g0) > 1 else 6, seed=3)
     _check(_run(session(export_forward(g, w).model, threads=1), _feeds(inputs)), run(g0, _torch_weights(w), inputs))
+
+
+def test_kv_read_from_kv_sharing_insertion_matches_interpreter():
+    """-O2's insert-kv-sharing turns MoR's recursion-wise sharing into `kv_read` of the first trip's K/V:
+    the export reads the per-copy store the first trip recorded, at every recursion count."""
+    from archc.passes import preset, run_pipeline
+    g0 = {g.name: g for g in stdlib.graphs("mor")}["MoRKVShare"]
+    g = run_pipeline(g0, list(preset("O2")), verify=True)
+    assert any(n.op is Op.KV_READ for n in g.walk())
+    w = seeded_weights(g0, seed=4)
+    sess = session(export_forward(g, w).model, threads=1)
+    inputs = example_inputs(g, seq=9, seed=int(time.time() * 1000) % 10_000)
+    for n_r in (2, 3, 4):
+        ref = run(g0, _torch_weights(w), inputs, bindings={"n_r": n_r})
+        _check(_run(sess, dict(_feeds(inputs), n_r=np.array(n_r, np.int64))), ref)

@@ -1,5 +1,6 @@
 """Differential tests: every generated PyTorch module agrees with the IR interpreter."""
 import ast
+import socket
 import subprocess
 import sys
 import time
@@ -155,6 +156,7 @@ def test_torch_compile_inductor_on_a_recurrent_model():
 
 
 DDP_SCRIPT = r'''
+import os, sys
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 import archc.stdlib as stdlib
@@ -181,14 +183,20 @@ dist.all_gather(ws, w)
 assert torch.equal(ws[0], ws[1]), "replicas diverged"
 if rank == 0:
     print("DDP OK", losses)
+sys.stdout.flush()
+dist.barrier()
 dist.destroy_process_group()
+os._exit(0)    # gloo's threads have aborted the interpreter's teardown once on CI ("terminate called ...")
 '''
 
 
 def test_ddp_training_under_torchrun(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)]
+    with socket.socket() as s:         # a free port: a fixed one can be taken on a shared machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "DDP OK" in r.stdout

@@ -43,9 +43,9 @@ def runtime_symbols(g: Graph) -> list[str]:
     counts = set()
     for n in g.walk():
         if n.op in (Op.LOOP, Op.HALT_LOOP):
-            t = as_expr(n.attr("trips"))
-            if t.is_Symbol:
-                counts.add(t.name)
+            t = as_expr(n.attr("trips"))          # `n_r`, or `n_r - 1` once a pass peeled a trip
+            if isinstance(t, sympy.Basic):
+                counts |= {s.name for s in t.free_symbols}
     fixed: set[str] = set()
     for p in g.params:
         for e in (*p.type.shape, as_expr(p.copies), *(v for _, v in p.init_args)):
@@ -172,7 +172,8 @@ def decode_kind(g: Graph) -> str | None:
     if lm_token_input(g) is None:
         return None
     sites = _attention_instances(g)
-    if kv_decode_blocker(g) is None and sites and not any(n.attr("kv_share") for n, _ in sites):
+    shares = any(n.attr("kv_share") for n, _ in sites) or any(n.op is Op.KV_READ for n in g.walk())
+    if kv_decode_blocker(g) is None and sites and not shares:
         return "kv_decode"
     return "recompute_decode"
 

@@ -99,10 +99,36 @@ def _attend(lw, sc, n, ins):
         if n.attr("copy") is not None:
             raise ArchError(f"`{site}` is an array of layers; K/V sharing cannot read from it", n.span)
         lw.state[("from", site)] = [k, v, kpos if kpos is not None else _default_kpos(sc, k)]
+    if site in lw.stores:
+        _record(lw, sc, n, k, v, kpos if kpos is not None else _default_kpos(sc, k))
     out = attention(sc, q, k, v, **_attend_shape(lw, n, names), causal=bool(n.attr("causal")),
                     window=_optional_scalar(sc, n.attr("window", 0)), prefix=_optional_scalar(sc, n.attr("prefix", 0)),
                     mask=mask, mask_rank=lw.rank(names[3]) if mask is not None else 0, qpos=qpos, kpos=kpos)
     return [out]
+
+
+def _store(lw: Lowerer, sc: Scope, n) -> tuple[list[str], str]:
+    """The per-copy K/V store of `n`'s site (created empty on first use) and `n`'s copy index."""
+    from archc.backends.onnx.regions import new_store
+    key = ("store", n.attr("site"))
+    if key not in lw.state:
+        lw.state[key] = new_store(lw, sc, n.attr("site"))
+    c = sc.int_expr(n.attr("copy")) if n.attr("copy") is not None else sc.ex.i64(0)
+    return lw.state[key], c
+
+
+def _record(lw: Lowerer, sc: Scope, n, k: str, v: str, kpos: str) -> None:
+    """What attention site `n` attended to, kept per copy for a later `kv_read`."""
+    seqs, c = _store(lw, sc, n)
+    lw.state[("store", n.attr("site"))] = [sc.op("SequenceInsert", sc.op("SequenceErase", s, c), t, c)
+                                          for s, t in zip(seqs, (k, v, kpos))]
+
+
+@rule(Op.KV_READ)
+def _kv_read(lw, sc, n, ins):
+    """The K, V (and key positions) the site last recorded, at this copy."""
+    seqs, c = _store(lw, sc, n)
+    return [sc.op("SequenceAt", s, c) for s in seqs][:len(n.outputs)]
 
 
 def _default_kpos(sc: Scope, k: str) -> str:

@@ -39,6 +39,7 @@ class Lowerer:
         self.state: dict[tuple, list[str]] = {}   # threaded values: shared K/V (see regions.py)
         self.sources = {("from", (n.attr("kv_share") or "").split(":")[-1]) for n in g.walk()
                         if n.op is Op.ATTEND and n.attr("kv_share") and not n.attr("kv_share").startswith("recursion:")}
+        self.stores = {n.attr("site") for n in g.walk() if n.op is Op.KV_READ}   # sites a kv_read reads
         self._check_share_order()
         self.cache_inputs: dict[str, tuple[str, str]] = {}   # decode: attend result -> (past K, past V) inputs
         self.cache_names: dict[str, str] = {}

@@ -32,6 +32,7 @@ from archc.errors import ArchError
 STATE_TYPES = {
     "recursion": [(F32, 4, True), (F32, 4, True), (I64, 2, True), (BOOL, 1, False)],   # K, V, kpos per copy; present
     "from": [(F32, 4, False), (F32, 4, False), (I64, 2, False)],                        # the source's K, V, kpos
+    "store": [(F32, 4, True), (F32, 4, True), (I64, 2, True)],    # what a site last recorded, per copy (kv_read)
 }
 
 
@@ -39,10 +40,14 @@ def state_keys(lw: Lowerer, r: Region) -> list[tuple]:
     """The threaded values a region reads or writes (in first-use order)."""
     keys: list[tuple] = []
     for n in r.walk():
+        if n.op is Op.KV_READ:
+            keys += [k for k in [("store", n.attr("site"))] if k not in keys]
         if n.op is not Op.ATTEND:
             continue
         share = n.attr("kv_share") or ""
         found = []
+        if n.attr("site") in lw.stores:
+            found.append(("store", n.attr("site")))
         if share.startswith("recursion:"):
             found.append(("recursion", share.split(":", 1)[1], n.attr("site")))
         elif share:
@@ -79,11 +84,18 @@ def _owned_state(lw: Lowerer, sc: Scope, n: Node) -> list[tuple]:
     return owned
 
 
+def new_store(lw: Lowerer, sc: Scope, site: str) -> list[str]:
+    """An empty per-copy K/V store of `site` (one placeholder per copy), for `kv_read`."""
+    copies = _copies(lw, site, None)
+    return [sc.op("SequenceConstruct", *([_placeholder(sc, elem, rank)] * copies), name="kv_store")
+            for elem, rank in ((F32, 4), (F32, 4), (I64, 2))]
+
+
 def _copies(lw: Lowerer, site: str, n: Node) -> int:
     """How many weight copies an attention site has (its layer array's length; 1 if not arrayed)."""
     for p in lw.g.params:
         if p.name.startswith(site + ".") and p.copies != 1:
-            return lw.ex.static_int(p.copies, f"the number of copies of `{site}`", n.span)
+            return lw.ex.static_int(p.copies, f"the number of copies of `{site}`", n.span if n else None)
     return 1
 
 
@@ -92,6 +104,9 @@ def _ensure_state(lw: Lowerer, sc: Scope, keys: list[tuple]) -> None:
         if key not in lw.state:
             if key[0] == "recursion":
                 raise ArchError(f"K/V shared across `{key[1]}` outside that loop")
+            if key[0] == "store":
+                lw.state[key] = new_store(lw, sc, key[1])
+                continue
             lw.state[key] = [_placeholder(sc, elem, rank) for elem, rank, _ in STATE_TYPES[key[0]]]
 
 

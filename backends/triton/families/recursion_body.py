@@ -660,7 +660,7 @@ class _Writer:
             body.append(f"c{i} = tl.load(c{i}_ptr + rows * {w} + {cols}, mask=rm & {cm}, other=0.0)")
             loop += ["if SAVE:",
                      f"    tl.store(st{i}_ptr + tl.maximum(t - FIRST, 0).to(tl.int64) * R * {w} + rows * {w} + {cols}, "
-                     f"c{i}, mask=rm & {cm} & (t >= FIRST))"]
+                     f"c{i}, mask=rm & {cm} & ((rows * 0 + t) >= FIRST))"]
         loop += self.forward_lines()
         for i, y in enumerate(self.b.results):
             loop.append(f"n{i} = {self.tile(y, self.b.width_of(self.b.args[i]))}")
