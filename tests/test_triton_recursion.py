@@ -438,3 +438,31 @@ def test_gate_default_and_tuned_choice(monkeypatch):
     assert tune.torch_numel(262144) == 7
     monkeypatch.delenv("ARCHC_TRITON_TORCH_NUMEL")
     assert tune.torch_numel(262144) == 262144
+
+
+def test_fused_backward_with_create_graph_is_differentiable():
+    """A fused kernel's backward asked for a graph differentiates the torch expression: second-order
+    gradients (of the input gradient's norm, w.r.t. the input and the weight) match the interpreter.
+    Before, the kernel's backward returned numbers without a graph and the second order was silently
+    wrong (LSTM-PINN's PDE loss through `--target triton` was off by 2x)."""
+    (g,) = parse_ir(GATED)
+    h = PASSES["fuse-elementwise"](g)
+    mod, _ = _module([h], "create_graph")
+    calls = _count_calls(mod, "fused_", ("_torch", "_run"))
+    gm = GraphModule(h, seed=1)
+    m = mod.Gate()
+    m.load_state_dict({state_key(k): v.detach() for k, v in gm.param_dict().items()})
+    inputs = example_inputs(h, {"d": 6}, batch=2, seq=3, seed=1)
+
+    def second_order(f, params):
+        x = inputs["x"].clone().requires_grad_(True)
+        out = f(x=x, y=inputs["y"])
+        out = out if isinstance(out, dict) else dict(zip(h.output_names, out))
+        (gx,) = torch.autograd.grad(sum(o.pow(2).sum() for o in out.values()), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [x, *params])
+
+    ref = second_order(gm, list(gm.weights))
+    got = second_order(m, [dict(m.named_parameters())[state_key(n)] for n in gm.names])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert any(c.endswith("_run") for c in calls) and any(c.endswith("_torch") for c in calls)
