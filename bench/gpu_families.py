@@ -21,10 +21,10 @@ Cases (B batch, T length, d features, H/Hk query/K-V heads, D head size):
   64-token chunk, momentum and forget gate), forward and the second-order backward. torch.compile
   runs the reference eagerly (it calls autograd.grad), so there is no compiled column;
 * recursion_body: a shared-weight loop of per-token work over 64k rows, every trip in one launch
-  (a pre-norm residual MLP, d 32/64 with hidden 64/128, 8 trips; an LSTM cell iterated 8 times,
-  hidden 32/64, as in LSTM-PINN) against the same loop as torch ops in a Python loop (the kernel
-  source's `<name>_torch`: what `--target torch` runs) and torch.compile of that loop. The largest
-  sizes sit at the on-chip bound (2^14 weight elements); the label says whether the launcher's
+  (an LSTM cell iterated 8 times, hidden 32, as in LSTM-PINN; a pre-norm residual MLP, d 32/64
+  with hidden 64/128, 8 trips) against the same loop as torch ops in a Python loop (the kernel
+  source's `<name>_torch`: what `--target torch` runs) and torch.compile of that loop. The last
+  case sits at the on-chip bound (2^14 weight elements); the label says whether the launcher's
   guard would take the kernel.
 
 `--smoke` runs every case on the CPU under TRITON_INTERPRET=1 at tiny sizes (numbers mean nothing;
@@ -261,10 +261,9 @@ def recursion_cases(sizes, device):
 GPU_SIZES = {"scan": (16, 4096, 2048), "scan_compile_T": 128, "route": (8, 2048, 2048),
              "decode": (8, 8192, 32, 8, 128), "decode_top": 256,
              "memory": (8, 64, 512, 1024),
-             "recursion": [("ResMLP", {"d": 32, "hidden": 64, "steps": 8}, 65536),
-                           ("ResMLP", {"d": 64, "hidden": 128, "steps": 8}, 65536),
-                           ("Cell", {"hidden": 32, "depth": 8}, 65536),
-                           ("Cell", {"hidden": 64, "depth": 8}, 65536)]}
+             "recursion": [("Cell", {"hidden": 32, "depth": 8}, 65536),
+                           ("ResMLP", {"d": 32, "hidden": 64, "steps": 8}, 65536),
+                           ("ResMLP", {"d": 64, "hidden": 128, "steps": 8}, 65536)]}
 SMOKE_SIZES = {"scan": (2, 12, 5), "scan_compile_T": 12, "route": (2, 8, 6), "decode": (1, 40, 4, 2, 8),
                "decode_top": 4, "memory": (2, 5, 6, 4),
                "recursion": [("ResMLP", {"d": 8, "hidden": 16, "steps": 3}, 5), ("Cell", {"hidden": 8, "depth": 3}, 5)]}
