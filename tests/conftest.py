@@ -11,6 +11,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("ARCHC_TRITON_TORCH_NUMEL", "0")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n auto`), one torch thread per worker: the workers already use every core,
+    and the tests' tiny tensors gain nothing from intra-op threads they would fight over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite golden files from current output")
 
