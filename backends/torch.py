@@ -9,6 +9,7 @@ that need more than one torch call come from `torch_runtime` and are copied in b
 from __future__ import annotations
 
 import builtins
+import functools
 import inspect
 import json
 import keyword
@@ -55,6 +56,7 @@ class Namespace:
     def __init__(self, taken=()):
         self.used: set[str] = set(_RESERVED) | set(taken)
         self.map: dict[str, str] = {}
+        self.symbols: dict[str, str] = {}       # the names claimed for `sym:<symbol>` keys, by symbol
 
     def claim(self, key: str, hint: str | None = None) -> str:
         if key in self.map:
@@ -66,6 +68,8 @@ class Namespace:
             i += 1
         self.used.add(name)
         self.map[key] = name
+        if key.startswith("sym:"):
+            self.symbols[key[4:]] = name
         return name
 
 
@@ -125,7 +129,7 @@ class _Emitter:
 
     # names -------------------------------------------------------------------------------------
     def sym_names(self) -> dict[str, str]:
-        return {k[4:]: v for k, v in self.ns.map.items() if k.startswith("sym:")}
+        return dict(self.ns.symbols)
 
     def v(self, name: str) -> str:
         if name in self.inline:
@@ -805,16 +809,17 @@ def _forward(g: Graph, em: _Emitter, region: Region | None = None, method: str =
     head = [f"    def {method}(self, {', '.join(inputs)}):"]
     if doc:
         head.append(f'        """{_docstr(doc)}"""')
-    params = [s.name for s in g.symbols if s.kind != "dim" and _mentions(body, names[s.name])]
+    text = "\n".join(body)
+    params = [s.name for s in g.symbols if s.kind != "dim" and _mentions(text, names[s.name])]
     head += _unpack(params, names, 8)
     # a policy region binds only its own dimensions (N) from its arguments
     bound: set[str] = set() if region is g.body else {s.name for s in g.symbols}
     for a in region.args:
         for i, d in enumerate(a.type.shape):
-            if isinstance(d, sympy.Symbol) and d.name not in bound and d.name in names and _mentions(body, names[d.name]):
+            if isinstance(d, sympy.Symbol) and d.name not in bound and d.name in names and _mentions(text, names[d.name]):
                 head.append(f"        {names[d.name]} = {em.v(a.name)}.shape[{i}]")
                 bound.add(d.name)
-    if inputs and _mentions(body, "dev"):
+    if inputs and _mentions(text, "dev"):
         head.append(f"        dev = {inputs[0]}.device")
     if em.uses_kv:
         head.append("        kv = {}  # K/V published by attention sites, read by the layers that share them")
@@ -880,9 +885,9 @@ def _unwrap(text: str) -> str:
     return text[1:-1]
 
 
-def _mentions(lines: list[str], name: str) -> bool:
-    pat = re.compile(rf"(?<![\w.]){re.escape(name)}(?!\w)")
-    return any(pat.search(line) for line in lines)
+def _mentions(text: str, name: str) -> bool:
+    """`name` occurs in `text` as a name of its own (not part of a longer name or an attribute)."""
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text) is not None
 
 
 def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[str]:
@@ -1072,7 +1077,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     if runtime & {"attention", "topk_attention"}:
         runtime.add("repeat_kv")
     for fn in sorted(runtime, key=_runtime_order):
-        body += ["", "", inspect.getsource(getattr(torch_runtime, fn)).rstrip()]
+        body += ["", "", _runtime_source(fn)]
     for text in prelude:
         body += ["", "", text.rstrip()]
     body += ["", ""] + _HELPERS.strip().splitlines()   # two blank lines before a function or a class
@@ -1091,3 +1096,10 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
 
 def _runtime_order(fn: str) -> int:
     return list(torch_runtime.__dict__).index(fn)
+
+
+@functools.cache
+def _runtime_source(fn: str) -> str:
+    """The source of a runtime helper, pasted into generated modules (read once per process: inspect
+    parses the whole runtime module to find a class)."""
+    return inspect.getsource(getattr(torch_runtime, fn)).rstrip()

@@ -13,7 +13,7 @@ from archc.dsl.values import Static, StrVal
 from archc.errors import ArchError, Span
 from archc.ir.core import Value
 from archc.ir.ops import Op
-from archc.ir.shapes import BOOL, F32, I64, as_expr, expr_str
+from archc.ir.shapes import BOOL, F32, I64, as_expr, expr_str, simplified, substitute
 
 _REQ = object()
 
@@ -127,7 +127,7 @@ def shape_arg(al, a, what) -> list:
     for x in v:
         if not isinstance(x, Static) or x.kind != "int":
             raise al.err(f"{what} must contain compile-time integers", span)
-        xv = as_expr(x.expr).subs(al.defaults)
+        xv = substitute(as_expr(x.expr), al.defaults)
         if xv.is_number and xv < 0:
             from archc.dsl.lower import shown
             raise al.err(f"{what} has a negative dimension {shown(x.expr, xv)}", span,
@@ -221,7 +221,7 @@ def _topk_mask(al, a, span, hint):
     x = tensor_arg(al, a["x"])
     k = int_arg(al, a["k"], "k")
     ax = axis_arg(al, a["axis"], x.type.rank)
-    kv, nv = as_expr(k).subs(al.defaults), as_expr(x.type.shape[ax]).subs(al.defaults)
+    kv, nv = substitute(as_expr(k), al.defaults), substitute(as_expr(x.type.shape[ax]), al.defaults)
     if kv.is_number and (kv < 1 or (nv.is_number and kv > nv)):
         raise al.err(f"k = {kv} is out of range for an axis of size {expr_str(x.type.shape[ax])}"
                      + (f" = {nv}" if nv.is_number and not as_expr(x.type.shape[ax]).is_number else ""), a["k"][1])
@@ -257,7 +257,7 @@ def _reshape(al, a, span, hint):
     x = tensor_arg(al, a["x"])
     shape = shape_arg(al, a["shape"], "shape")
     n, m = sympy.prod(x.type.shape), sympy.prod([as_expr(s) for s in shape])
-    ratio = sympy.simplify(as_expr(n) / as_expr(m)).subs(al.defaults) if as_expr(m) != 0 else None
+    ratio = substitute(simplified(as_expr(n) / as_expr(m)), al.defaults) if as_expr(m) != 0 else None
     if ratio is not None and ratio.is_number and ratio != 1:      # sizes differ by a factor, not just symbolically
         raise al.err(f"cannot reshape {x.type} to [{', '.join(expr_str(as_expr(d)) for d in shape)}]: "
                      f"{expr_str(n)} elements vs {expr_str(m)}", a["shape"][1],
@@ -313,7 +313,7 @@ def _split_heads(al, a, span, hint):
 
 
 def _check_divides(al, n, k, span, what_n, what_k):
-    nv, kv = as_expr(n).subs(al.defaults), as_expr(k).subs(al.defaults)
+    nv, kv = substitute(as_expr(n), al.defaults), substitute(as_expr(k), al.defaults)
     if nv.is_number and kv.is_number and (kv == 0 or not (nv / kv).is_Integer):
         from archc.dsl.lower import shown
         raise al.err(f"{what_n} ({shown(n, nv)}) is not divisible by {what_k} ({shown(k, kv)})", span)

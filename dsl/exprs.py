@@ -10,7 +10,7 @@ from archc.dsl.values import LayerInst, MemInst, PathRef, Static, StrVal
 from archc.errors import ArchError, Span
 from archc.ir.core import Value
 from archc.ir.ops import Op
-from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, expr_str
+from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, expr_str, substitute
 
 _BIN_TENSOR = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "**": Op.POW, "==": Op.EQ, "!=": Op.NE,
                "<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "and": Op.AND, "or": Op.OR}
@@ -80,7 +80,7 @@ def _values_at_defaults(al, e, frame=None) -> list:
     try:
         if frame is not None and getattr(frame, "loop_vars", None):
             return al.sample_values(e, frame)
-        return [sympy.sympify(e).subs(al.defaults)]
+        return [substitute(sympy.sympify(e), al.defaults)]
     except (ZeroDivisionError, TypeError, ValueError):
         return [sympy.nan]
 
@@ -121,7 +121,7 @@ def _static_binop(al, op: str, a: Static, b: Static, span: Span, frame=None) -> 
     elif op == "/":
         # d / heads stays an (exact) int expression; 3 / 2 becomes a float
         r = x / y
-        at = r.subs(al.defaults)
+        at = substitute(r, al.defaults)
         kind = "int" if (kind == "int" and (r.is_Integer or (not r.is_number and (not at.is_number or at.is_Integer)))) \
             else "float"
     elif op == "//":
@@ -231,7 +231,7 @@ def _index(al, e: A.Index, scope, frame, hint):
             stop = dim if sub.stop is None else al.static(sub.stop, scope, frame, "a slice bound").expr
             start = _wrap(start, dim)
             stop = _wrap(stop, dim)
-            s0, s1, n = (sympy.sympify(v).subs(al.defaults) for v in (start, stop, dim))
+            s0, s1, n = (substitute(sympy.sympify(v), al.defaults) for v in (start, stop, dim))
             if s0.is_number and s1.is_number and (s0 < 0 or s1 < s0 or (n.is_number and s1 > n)):
                 raise al.err(f"slice {expr_str(start)}:{expr_str(stop)} does not fit a dimension of size "
                              f"{expr_str(dim)}" + (f" = {n}" if n.is_number and not sympy.sympify(dim).is_number else ""),
@@ -279,7 +279,7 @@ def _index_layer(al, inst: LayerInst, e: A.Index, scope, frame):
     if i.kind != "int":
         raise al.err("a layer index must be an integer", e.subs[0].span)
     for val in al.sample_values(i.expr, frame):
-        cv = as_expr(inst.copies).subs(al.defaults)
+        cv = substitute(as_expr(inst.copies), al.defaults)
         if val.is_number and cv.is_number and not (0 <= val < cv):
             raise al.err(f"index {val} is out of range for layer array `{inst.name}` of {cv} copies", e.subs[0].span)
     from dataclasses import replace

@@ -14,7 +14,7 @@ from archc.dsl.values import LayerInst, Static, StrVal
 from archc.errors import Span
 from archc.ir.core import Value
 from archc.ir.ops import Op
-from archc.ir.shapes import BOOL, F32, I64, as_expr, dims_equal, expr_str
+from archc.ir.shapes import BOOL, F32, I64, as_expr, dims_equal, expr_str, substitute
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _attention_validate(al, c, spans):
         _check_divides(al, d, heads, spans["heads"], "the model width d", "heads")
     _check_divides(al, heads, kvh, spans.get("kv_heads", spans["heads"]), "heads", "kv_heads")
     for key in ("window", "prefix"):
-        v = as_expr(c[key]).subs(al.defaults)
+        v = substitute(as_expr(c[key]), al.defaults)
         if v.is_number and v < 0:
             raise al.err(f"{key} must be >= 0, got {v}", spans[key])
 
@@ -284,7 +284,7 @@ def bind_ctor(al, kind: str, decl, scope, frame) -> dict[str, Any]:
                 out[key] = num_arg(al, (v, span), f"`{key}` of {kind}")
             else:
                 out[key] = int_arg(al, (v, span), f"`{key}` of {kind}")
-                val = out[key].subs(al.defaults)
+                val = substitute(out[key], al.defaults)
                 if val.is_number and val < 1 and key not in ("window", "prefix"):
                     raise al.err(f"`{key}` of {kind} must be at least 1, got {shown(out[key], val)}", span)
         else:

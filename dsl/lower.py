@@ -19,7 +19,7 @@ from archc.errors import ArchError, Span
 from archc.ir.builder import Builder
 from archc.ir.core import Graph, Node, Param, Policy, Region, Symbol, Value
 from archc.ir.ops import Op
-from archc.ir.shapes import BOOL, F32, I64, DType, TensorType, as_expr, dims_equal, expr_str, sym
+from archc.ir.shapes import BOOL, F32, I64, DType, TensorType, as_expr, dims_equal, expr_str, substitute, sym
 
 DTYPES = {"f32": F32, "i64": I64, "bool": BOOL}
 PARAM_KINDS = ("int", "float", "bool")
@@ -248,7 +248,7 @@ class ArchLowering:
                 default = self.static(p.default, scope, Frame(), what=f"the default of `{p.name}`")
                 self._check_kind(default, p.type, p.default.span, f"`{p.name}`")
                 s = sym(p.name)
-                value = default.expr.subs(self.defaults)
+                value = substitute(default.expr, self.defaults)
                 self.defaults[s] = _number(value)
                 self.symbols.append(Symbol(p.name, p.type, _attr_default(default.expr, p.type)))
                 scope.vars[p.name] = Static(s, p.type)
@@ -275,7 +275,7 @@ class ArchLowering:
 
     def value_at_defaults(self, e: sympy.Basic, frame: Frame | None = None) -> Any:
         subs = dict(self.defaults)
-        v = sympy.sympify(e).subs(subs)
+        v = substitute(sympy.sympify(e), subs)
         return v
 
     def static(self, e: A.Expr, scope: Scope, frame: Frame, what: str = "this value") -> Static:
@@ -298,18 +298,18 @@ class ArchLowering:
 
     def sample_values(self, e: sympy.Basic, frame: Frame) -> list[sympy.Basic]:
         """`e` at the defaults, for every value of the loop variables in scope (up to 64 each)."""
-        base = sympy.sympify(e).subs(self.defaults)
+        base = substitute(sympy.sympify(e), self.defaults)
         envs: list[dict] = [{}]
         for name, (lo, hi) in frame.loop_vars.items():
             s = sym(name)
             if s not in base.free_symbols:
                 continue
-            lo_v, hi_v = as_expr(lo).subs(self.defaults), as_expr(hi).subs(self.defaults)
+            lo_v, hi_v = substitute(as_expr(lo), self.defaults), substitute(as_expr(hi), self.defaults)
             if not (lo_v.is_number and hi_v.is_number):
                 continue
             vals = list(range(int(lo_v), int(hi_v) + 1))[:64]
             envs = [dict(env, **{name: v}) for env in envs for v in vals]
-        return [base.subs({sym(k): v for k, v in env.items()}) for env in envs]
+        return [substitute(base, {sym(k): v for k, v in env.items()}) for env in envs]
 
     # -- parameters ------------------------------------------------------------------------------
 

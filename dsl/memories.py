@@ -15,7 +15,7 @@ from archc.dsl.builtins import _REQ, S, Sig, bind_args, int_arg, num_arg, str_ar
 from archc.dsl.values import MemInst, Static, StrVal
 from archc.ir.core import Value
 from archc.ir.ops import Op
-from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, dims_equal, expr_str
+from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, dims_equal, expr_str, substitute
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def declare_memory(al, decl: A.MemoryDecl, scope, frame) -> MemInst:
             c[key] = _exponent(al, (v, span), key)
         else:
             c[key] = int_arg(al, (v, span), f"`{key}` of {decl.kind}")
-            val = as_expr(c[key]).subs(al.defaults)
+            val = substitute(as_expr(c[key]), al.defaults)
             if val.is_number and val < 1:
                 raise al.err(f"`{key}` of {decl.kind} must be at least 1, got {val}", span)
     if decl.kind == "NeuralMemory":

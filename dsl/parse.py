@@ -5,6 +5,7 @@ No semantic checks happen here: names, types and shapes are the lowering's job.
 from __future__ import annotations
 
 import json
+import threading
 from functools import lru_cache
 from importlib import resources
 
@@ -70,11 +71,18 @@ def _grammar() -> str:
     return resources.files("archc.dsl").joinpath("arch.lark").read_text()
 
 
-@lru_cache(maxsize=32)
-def _parser(file: str) -> Lark:
-    """Building the LALR tables takes ~0.1 s, so parsers are reused (the post-lexer resets per parse)."""
+@lru_cache(maxsize=None)
+def _parser() -> Lark:
+    """The one LALR parser of the process: building its tables takes ~0.2 s, a parse a few ms.
+
+    Its post-lexer is told each file's name before the parse (for its diagnostics) and resets its
+    state per parse; `_PARSE_LOCK` keeps concurrent parses from sharing it.
+    """
     return Lark(_grammar(), parser="lalr", lexer="contextual", propagate_positions=True,
-                postlex=_PostLex(file), maybe_placeholders=True, start="start")
+                postlex=_PostLex("<string>"), maybe_placeholders=True, start="start")
+
+
+_PARSE_LOCK = threading.Lock()
 
 
 _TOKEN_NAMES = {
@@ -184,15 +192,17 @@ def parse(source: str | bytes, file: str = "<string>") -> A.Module:
         col = i - (source.rfind("\n", 0, i) + 1) + 1
         raise ArchError("file contains a NUL byte", Span(file, line, col, line, col + 1), source=source,
                         hint="archc sources are UTF-8 text files")
-    lark = _parser(file)
-    try:
-        tree = lark.parse(source + "\n")
-    except ArchError as err:
-        raise err.with_source(source) from None
-    except UnexpectedInput as err:
-        raise _syntax_error(err, file, source, list(lark.options.postlex.open)) from None
-    except RecursionError:
-        raise ArchError("program is nested too deeply", Span(file, 1, 1, 1, 2), source=source) from None
+    lark = _parser()
+    with _PARSE_LOCK:
+        lark.options.postlex.file = file
+        try:
+            tree = lark.parse(source + "\n")
+        except ArchError as err:
+            raise err.with_source(source) from None
+        except UnexpectedInput as err:
+            raise _syntax_error(err, file, source, list(lark.options.postlex.open)) from None
+        except RecursionError:
+            raise ArchError("program is nested too deeply", Span(file, 1, 1, 1, 2), source=source) from None
     try:
         module = ToAst(file).transform(tree)
     except VisitError as err:

@@ -16,7 +16,7 @@ from archc.dsl import ast as A
 from archc.dsl.exprs import lower_expr
 from archc.dsl.values import LayerInst, PathRef, Static, StrVal
 from archc.ir.core import Policy, Region
-from archc.ir.shapes import F32, I64, TensorType, as_expr, dims_equal, expr_str, sym
+from archc.ir.shapes import F32, I64, TensorType, as_expr, dims_equal, expr_str, substitute, sym
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ def _share_kv(al, st, targets, opts, spans):
         cons = al.attention_sites[site]
         for key, what in (("head_dim", "head size"), ("kv_heads", "number of KV heads")):
             if dims_equal(cons[key], prod[key], al.defaults) is False:
-                a = as_expr(cons[key]).subs(al.defaults)
-                b = as_expr(prod[key]).subs(al.defaults)
+                a = substitute(as_expr(cons[key]), al.defaults)
+                b = substitute(as_expr(prod[key]), al.defaults)
                 raise al.err(f"KV sharing between layers of different {what}: `{site}` has {what} "
                              f"{expr_str(cons[key])} = {a}, `{prod_sites[0]}` has {expr_str(prod[key])} = {b}", st.span,
                              hint="only layers whose K/V have the same shape can share a cache")
@@ -224,7 +224,7 @@ def build_policies(al) -> list[Policy]:
                     raise al.err(f"`{kw.name}` must be a compile-time number", kw.value.span)
                 if typ == "int" and v.kind == "float":
                     raise al.err(f"`{kw.name}` must be an integer, got {expr_str(v.expr)}", kw.value.span)
-                val = sympy.sympify(v.expr).subs(al.defaults)
+                val = substitute(sympy.sympify(v.expr), al.defaults)
                 if not val.is_number:
                     raise al.err(f"`{kw.name}` must be a compile-time number", kw.value.span)
                 opts[kw.name] = float(val) if typ == "float" else int(val)     # checked at the defaults

@@ -13,7 +13,7 @@ from archc.dsl.values import LayerInst, MemInst, Static
 from archc.errors import Span
 from archc.ir.core import Region, Value
 from archc.ir.ops import Op
-from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, dims_equal, expr_str, sym
+from archc.ir.shapes import BOOL, F32, I64, TensorType, as_expr, dims_equal, expr_str, substitute, sym
 
 SHARE_STRATEGIES = ("cycle", "sequence")
 MAX_STMT_NESTING = 64
@@ -46,7 +46,7 @@ class StmtLowering:
             v = self.al.static(d, scope, frame, "a dimension")
             if v.kind != "int":
                 raise self.err(f"a dimension must be an integer, got {expr_str(v.expr)}", d.span)
-            val = v.expr.subs(self.al.defaults)
+            val = substitute(v.expr, self.al.defaults)
             if val.is_number and val < 1:
                 raise self.err(f"a dimension must be positive, got {shown(v.expr, val)}", d.span)
             dims.append(v.expr)
@@ -258,7 +258,7 @@ class StmtLowering:
         v = self.al.static(st.cond, scope, frame, "a requirement")
         if v.kind != "bool":
             raise self.err("`require` needs a condition", st.cond.span)
-        val = sympy.sympify(v.expr).subs(self.al.defaults)
+        val = substitute(sympy.sympify(v.expr), self.al.defaults)
         if val not in (sympy.true, sympy.false):
             names = ", ".join(sorted(s.name for s in sympy.sympify(val).free_symbols))
             raise self.err(f"`require` cannot be decided at compile time: it depends on {names}", st.cond.span,
@@ -343,7 +343,7 @@ class StmtLowering:
         grad_last = None
         if st.grad_last is not None:
             grad_last = al.static_int(st.grad_last, scope, frame, "`grad last`", minimum=1)
-            gl, tv = grad_last.subs(al.defaults), trips.subs(al.defaults)
+            gl, tv = substitute(grad_last, al.defaults), substitute(trips, al.defaults)
             if gl.is_number and tv.is_number and gl > tv:
                 raise self.err(f"`grad last {gl}` exceeds the repeat count {tv}", st.grad_last.span)
             if st.halt is not None:

@@ -8,7 +8,7 @@ from typing import Any
 from archc.errors import ArchError, Span
 from archc.ir.core import Node, Region, Value
 from archc.ir.ops import OPS, Op, ShapeError
-from archc.ir.shapes import TensorType
+from archc.ir.shapes import TensorType, substitute
 
 _LEGAL = re.compile(r"[^A-Za-z0-9_]")
 
@@ -73,7 +73,7 @@ class Builder:
         try:
             return self._memo[x]
         except KeyError:
-            self._memo[x] = out = x.subs(self.defaults)
+            self._memo[x] = out = substitute(x, self.defaults)
             return out
         except TypeError:           # unhashable
             return x.subs(self.defaults)

@@ -77,8 +77,139 @@ def _float_str(f: float) -> str:
     return r if ("." in r or "e" in r or "inf" in r or "nan" in r) else r + ".0"
 
 
+# --- fast, exact stand-ins for `subs` and `simplify` (compile time is mostly sympy) -------------
+#
+# Lowering substitutes the parameter defaults into every shape it checks, and the shape rules ask
+# `simplify` whether two dims are equal. Both are pure functions of their arguments, so their
+# results are memoised per process; `substitute` also replaces `subs`'s generic machinery (one
+# full tree walk per key of the mapping, through every class's `_eval_subs` hook) by `xreplace`
+# of just the symbols the expression contains, where that provably gives the same expression.
+
+_MEMO_MAX = 1 << 15
+_SUBS_MEMO: dict = {}
+_SIMPLIFY_MEMO: dict = {}
+_PLAIN_MEMO: dict = {}
+_PLAIN_CLASSES: dict[type, bool] = {}
+
+
+def _memo_put(memo: dict, key, value):
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
+def _plain_class(cls: type) -> bool:
+    """`subs` of a symbol by a number rebuilds this class from its substituted args, as `xreplace` does.
+
+    That is the default (`Basic._eval_subs` returns None) and what Add, Mul, Symbol, Number and
+    applied functions do for a symbol key; Pow's hook returns `new**exp`, the same rebuild.
+    Piecewise, And, Or, Xor and the rest override it to skip or short-circuit arguments.
+    """
+    known = _PLAIN_CLASSES.get(cls)
+    if known is None:
+        hook = getattr(cls, "_eval_subs", None)
+        plain = {sympy.Basic._eval_subs, sympy.Add._eval_subs, sympy.Mul._eval_subs, sympy.Pow._eval_subs,
+                 sympy.Symbol._eval_subs, sympy.Number._eval_subs, sympy.Function._eval_subs}
+        known = _PLAIN_CLASSES[cls] = hook in plain or (
+            issubclass(cls, sympy.Function) and hook is sympy.exp._eval_subs)
+    return known
+
+
+def _plain(e: sympy.Basic) -> bool:
+    """Every node of `e` substitutes plainly (see `_plain_class`)."""
+    hit = _PLAIN_MEMO.get(e)
+    if hit is None:
+        hit = _plain_class(type(e)) and all(_plain(a) for a in e.args if isinstance(a, sympy.Basic))
+        _memo_put(_PLAIN_MEMO, e, hit)
+    return hit
+
+
+def substitute(e: sympy.Basic, values) -> sympy.Basic:
+    """`e.subs(values)`, same result, for a mapping from symbols (or their names) to numbers.
+
+    `subs` walks the whole tree once per key, in sympy's key order, rebuilding each node through
+    its class's substitution hook. For symbol keys and number values, on expressions whose classes
+    all substitute plainly, that equals replacing just the symbols `e` contains, one at a time in
+    the same order, with `xreplace`; anything else (a Piecewise, a symbolic value) goes to `subs`.
+    """
+    pairs = []
+    for s in e.free_symbols:
+        if type(s) is not sympy.Symbol:
+            return e.subs(values)
+        if s in values:
+            v = values[s]
+        elif s.name in values and s == sympy.Symbol(s.name):
+            v = values[s.name]
+        else:
+            continue
+        if isinstance(v, (str, type)):
+            return e.subs(values)
+        v = sympy.sympify(v, strict=True)
+        if not v.is_number or v.free_symbols or v in (sympy.nan, sympy.oo, -sympy.oo, sympy.zoo):
+            return e.subs(values)
+        pairs.append((s, v))
+    if not pairs:
+        return e
+    pairs.sort(key=lambda p: p[0].name)           # sympy's order for plain symbols: by name
+    key = (e, tuple(pairs))
+    hit = _SUBS_MEMO.get(key)
+    if hit is not None:
+        return hit
+    if not _plain(e):
+        out = e.subs(values)
+    else:
+        out = e
+        for s, v in pairs:
+            out = out.xreplace({s: v})
+    return _memo_put(_SUBS_MEMO, key, out)
+
+
+_XREPLACE_MEMO: dict = {}
+
+
+def replaced(e, subs: dict):
+    """`e.xreplace(subs)` for a map from symbols, memoised on the symbols `e` contains.
+
+    Rebuilding an expression re-evaluates it (a `Max` compares its arguments, a product collects
+    terms); passes substitute the same few dims into every type of a graph, so most calls repeat.
+    (archc's expressions bind no symbols, so the symbols `e` contains are its free symbols.)
+    """
+    if not isinstance(e, sympy.Basic) or not subs:
+        return e
+    pairs = [(s, subs[s]) for s in e.free_symbols if s in subs]
+    if not pairs:
+        return e
+    pairs.sort(key=lambda p: p[0].name)
+    key = (e, tuple(pairs))
+    hit = _XREPLACE_MEMO.get(key)
+    if hit is None:
+        hit = _memo_put(_XREPLACE_MEMO, key, e.xreplace(dict(pairs)))
+    return hit
+
+
+def simplified(e: sympy.Basic) -> sympy.Basic:
+    """`sympy.simplify(e)`, memoised (it is a pure function of the expression)."""
+    hit = _SIMPLIFY_MEMO.get(e)
+    if hit is None:
+        hit = _memo_put(_SIMPLIFY_MEMO, e, sympy.simplify(e))
+    return hit
+
+
 def simplify(e) -> sympy.Expr:
-    return sympy.simplify(as_expr(e))
+    return simplified(as_expr(e))
+
+
+def _nonconstant_polynomial(e: sympy.Basic) -> bool:
+    """`e` is a polynomial over the rationals in plain symbols that is not constant.
+
+    No form `simplify` returns for such an `e` is 0 or a number, so `dims_equal` can skip it.
+    """
+    if not all(isinstance(a, (sympy.Symbol, sympy.Rational)) for a in e.atoms()):
+        return False
+    if not e.is_polynomial():
+        return False
+    return bool(sympy.expand(e).free_symbols)
 
 
 def dims_equal(a, b, bindings: dict | None = None) -> bool | None:
@@ -86,16 +217,23 @@ def dims_equal(a, b, bindings: dict | None = None) -> bool | None:
     a, b = as_expr(a), as_expr(b)
     if a == b:
         return True
-    diff = sympy.simplify(a - b)
-    if diff == 0:
-        return True
-    if diff.is_number:
-        return False
+    diff = a - b
+    if not diff.args:                         # a number or a symbol: simplify returns it as is
+        if diff == 0:
+            return True
+        if diff.is_number:
+            return False
+    elif not _nonconstant_polynomial(diff):
+        diff = simplified(diff)
+        if diff == 0:
+            return True
+        if diff.is_number:
+            return False
     if bindings:
-        da = a.subs(bindings)
-        db = b.subs(bindings)
+        da = substitute(a, bindings)
+        db = substitute(b, bindings)
         if da.is_number and db.is_number:
-            return bool(sympy.simplify(da - db) == 0)
+            return bool(simplified(da - db) == 0)
     return None
 
 

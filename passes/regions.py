@@ -13,7 +13,7 @@ import sympy
 
 from archc.ir.core import Graph, Node, Region, Value
 from archc.ir.ops import Op
-from archc.ir.shapes import TensorType, as_expr
+from archc.ir.shapes import TensorType, as_expr, replaced
 
 # Ops with no operands and no regions: reading one twice gives the same value (a parameter, a
 # constant, a fill). Loop passes treat them as atoms: equal when their op, attributes and type are.
@@ -123,7 +123,7 @@ def attr_value(v: Any) -> Any:
 
 def _subs(v: Any, subs: dict) -> Any:
     if isinstance(v, sympy.Basic):
-        return attr_value(v.xreplace(subs)) if v.free_symbols & set(subs) else v
+        return attr_value(replaced(v, subs)) if v.free_symbols & set(subs) else v
     if isinstance(v, tuple):
         return tuple(_subs(x, subs) for x in v)
     return v
@@ -132,7 +132,7 @@ def _subs(v: Any, subs: dict) -> Any:
 def _type_subs(t: TensorType, subs: dict) -> TensorType:
     if not subs:
         return t
-    shape = tuple(as_expr(d).xreplace(subs) for d in t.shape)
+    shape = tuple(replaced(as_expr(d), subs) for d in t.shape)
     return t if shape == t.shape else TensorType(t.dtype, shape)
 
 

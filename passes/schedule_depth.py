@@ -28,7 +28,7 @@ from archc.ir.core import Graph, Node, Region, Value
 from archc.ir.cost import node_flops
 from archc.ir.interpret import resolve_bindings
 from archc.ir.ops import Op, attend_operands
-from archc.ir.shapes import BOOL, TensorType, as_expr, sym
+from archc.ir.shapes import BOOL, TensorType, as_expr, replaced, sym
 from archc.passes.regions import FreshNames, ancestors, defined_names, splice, value_types
 from archc.passes.rewrite import map_node_exprs, map_region_exprs
 
@@ -233,7 +233,7 @@ def route_costs(g: Graph, route: Node, seq: int, batch: int) -> tuple[float, flo
 
 def _numeric(env: dict):
     subs = {sym(k): sympy.sympify(v) for k, v in env.items() if isinstance(v, (int, float, bool))}
-    return lambda e: e.xreplace(subs) if isinstance(e, sympy.Basic) else e
+    return lambda e: replaced(e, subs)
 
 
 def _typed(types: dict, number) -> dict:

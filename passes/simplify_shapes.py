@@ -4,6 +4,7 @@ from __future__ import annotations
 import sympy
 
 from archc.ir.core import Graph
+from archc.ir.shapes import simplified
 from archc.passes.rewrite import map_exprs
 from archc.passes.symbols import Assumptions, parses_back
 
@@ -14,7 +15,7 @@ def simplify_expr(e: sympy.Basic, assume: Assumptions, max_rounds: int = 3) -> s
         return e
     for _ in range(max_rounds):
         assumed, back = assume.apply(e)
-        cand = sympy.simplify(assumed).xreplace(back)
+        cand = simplified(assumed).xreplace(back)
         if not (isinstance(cand, sympy.Expr) and sympy.count_ops(cand) < sympy.count_ops(e) and parses_back(cand)):
             return e
         e = cand
