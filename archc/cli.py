@@ -339,10 +339,6 @@ def passes_cmd():
         click.echo(f"-{level}: {', '.join(names) or '(no passes)'}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command(name="bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def bench_cmd(ctx):
@@ -357,3 +353,88 @@ def bench_cmd(ctx):
         sys.path.insert(0, str(root))
     from bench.suite import main as bench_main
     sys.exit(bench_main(list(ctx.args)))
+
+
+@main.group(name="stdlib")
+def stdlib_cmd():
+    """The seed papers and their stdlib entries (status computed from test results)."""
+
+
+@stdlib_cmd.command(name="list")
+@click.argument("keys", nargs=-1)
+@click.option("--run", "run_tests", is_flag=True,
+              help="Run the papers' tests now (a source checkout) and report from that run, not the recorded one.")
+@click.option("--markdown", is_flag=True, help="Print the table of stdlib/README.md.")
+@_diagnostics
+def stdlib_list(keys, run_tests, markdown):
+    """One row per seed paper: number, key, title, category, variants, status (SPEC.md §24)."""
+    from archc.stdlib import catalog
+    chosen = [catalog.find(k) for k in keys] or catalog.papers()
+    results = _run_paper_tests(chosen) if run_tests else catalog.load_results()
+    if markdown:
+        click.echo(catalog.markdown(results), nl=False)
+        return
+    rows = []
+    for p in chosen:
+        st, why = catalog.status(p, results)
+        rows.append((str(p.n), p.key + (f" (+{len(p.keys) - 1})" if len(p.keys) > 1 else ""), p.title[:44],
+                     p.category.split(" ")[0][:22], ", ".join(catalog.variants(p)) or "-", st, why))
+    widths = [max(len(r[i]) for r in rows + [("N", "key", "title", "category", "variants", "status", "")])
+              for i in range(6)]
+    head = ("N", "key", "title", "category", "variants", "status")
+    click.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  why")
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + (r[6] if len(r[6]) <= 72 else r[6][:71] + "…"))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r[5]] = counts.get(r[5], 0) + 1
+    source = "this run" if run_tests else "the recorded run (stdlib/status.json)"
+    click.echo(f"{len(rows)} papers: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"; from {source}")
+
+
+def _run_paper_tests(chosen) -> dict:
+    """Run the chosen papers' tests with pytest in the source checkout; their recorded outcomes."""
+    import tempfile
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "conftest.py").is_file():
+        raise ArchError("`--run` needs the archc source checkout (its tests/), which this installation lacks",
+                        hint="clone the repository and `pip install -e \".[test]\"`, or drop --run to show the "
+                             "recorded results")
+    from archc.stdlib import catalog
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "status.json"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--record-stdlib-status={out}"]
+        cmd += [f"--paper={p.key}" for p in chosen if p.files]
+        if not any(p.files for p in chosen):
+            return {}
+        click.echo("running: " + " ".join(cmd[1:]), err=True)
+        subprocess.run(cmd, cwd=root, stdout=sys.stderr, check=False)
+        return catalog.load_results(out)
+
+
+@stdlib_cmd.command(name="show")
+@click.argument("key")
+@click.option("--no-source", is_flag=True, help="Only the card, not the .arch source.")
+@_diagnostics
+def stdlib_show(key, no_source):
+    """A paper's card (title, category, status, what is implemented and simplified, its tests) and source."""
+    from archc import stdlib
+    from archc.stdlib import catalog
+    p = catalog.find(key)
+    st, why = catalog.status(p, catalog.load_results())
+    click.echo(f"{p.n}. {p.title}")
+    click.echo(f"keys:     {', '.join(p.keys)}")
+    click.echo(f"category: {p.category}")
+    click.echo(f"files:    {', '.join(f'stdlib/{f}.arch' for f in p.files) or '(none)'}")
+    click.echo(f"variants: {', '.join(catalog.variants(p)) or '(none)'}")
+    click.echo(f"status:   {st} ({why})")
+    click.echo(f"card:     {p.card}")
+    click.echo(f"tests:    {', '.join(p.tests) or '(no mechanism tests)'}")
+    if not no_source:
+        for f in p.files:
+            click.echo(f"\n# ---- stdlib/{f}.arch " + "-" * 40)
+            click.echo(stdlib.source(f), nl=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -2052,3 +2052,75 @@ def test_videolucy_backtracks_coarse_to_fine_and_stops_when_confident():
     # without the confident stop every sample descends to a single frame
     deep = run(g, {}, {"question": question, "frames": frames}, {"threshold": 2.0})
     assert deep["width"].tolist() == [1, 1] and deep["start"][1] == 5
+
+
+# -- HRM (paper 20): the one-step gradient ------------------------------------------------------------------
+
+
+def _uses(loss: torch.Tensor, param: torch.Tensor) -> int:
+    """How many times the autograd graph of `loss` reads `param` (edges into its AccumulateGrad node)."""
+    seen, stack, uses = set(), [loss.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and getattr(nxt, "variable", None) is param:
+                uses += 1
+            stack.append(nxt)
+    return uses
+
+
+HRM_FULL_BPTT = stdlib.source("hrm").replace(" grad last 1 {", " {")
+
+
+@pytest.mark.parametrize("cycles", [(2, 2, 1), (3, 2, 2)])
+def test_hrm_gradient_flows_only_through_the_last_l_step_and_h_step(cycles):
+    """Everything but the final L-step and H-step of a segment runs without gradient, at any cycle
+    counts, and the carry is detached between segments (no gradient reaches the initial states). The
+    graph holds one L-step and one H-step per segment (ACT's freeze of halted samples selects between
+    segments' results); with `grad last 1` removed (full backpropagation through time) it holds every
+    application."""
+    import archc
+    h, l_, seg = cycles
+    kw = dict(vocab=8, d=16, heads=2, h_cycles=h, l_cycles=l_, segments=seg)
+    tokens = torch.randint(0, 8, (2, 5))
+    for src, expect_low, expect_high in ((stdlib.path("hrm"), seg, seg), (HRM_FULL_BPTT, seg * h * l_, seg * h)):
+        torch.manual_seed(0)
+        model = archc.load(src, **kw) if isinstance(src, str) else stdlib.load("hrm", **kw)
+        model.eval()                                   # run every segment (no halting decisions from q)
+        loss = model(tokens)["logits"].square().sum()
+        params = dict(model.named_parameters())
+        low = next(p for n, p in params.items() if n.startswith("low.layer0.") and p.dim() == 2)
+        high = next(p for n, p in params.items() if n.startswith("high.layer0.") and p.dim() == 2)
+        assert (_uses(loss, low), _uses(loss, high)) == (expect_low, expect_high)
+        loss.backward()
+        for init in (model.z_h_init, model.z_l_init):
+            assert init.grad is None or not init.grad.any()
+        assert low.grad is not None and low.grad.abs().sum() > 0
+
+
+# -- HMT (paper 6): memory recall over a FIFO of segment memories -------------------------------------------
+
+
+def test_hmt_segments_are_causal_and_recall_reads_the_last_n_mem_memories():
+    """A segment's logits never depend on later segments; the third segment reads the first through the
+    memory queue; a queue of 1 entry and one of 8 agree while at most one memory exists (segments 1-2)
+    and differ from segment 3 on, when the 1-entry queue has dropped the first segment's memory."""
+    kw = dict(vocab=16, d=16, heads=2, seg=4, sensory=2)
+    torch.manual_seed(0)
+    big = stdlib.load("hmt", n_mem=8, **kw)
+    small = stdlib.load("hmt", n_mem=1, **kw)
+    small.load_state_dict(big.state_dict())
+    tokens = torch.randint(0, 16, (2, 16))
+    out = big(tokens)
+    other_future = tokens.clone()
+    other_future[:, 8:] = (tokens[:, 8:] + 1) % 16
+    assert torch.equal(big(other_future)[:, :8], out[:, :8])
+    other_first = tokens.clone()
+    other_first[:, :2] = (tokens[:, :2] + 3) % 16          # outside segment 2's sensory tail
+    assert not torch.allclose(big(other_first)[:, 8:12], out[:, 8:12], atol=1e-6)
+    one = small(tokens)
+    torch.testing.assert_close(one[:, :8], out[:, :8])
+    assert not torch.allclose(one[:, 8:], out[:, 8:], atol=1e-6)
