@@ -8,6 +8,8 @@
   targets need the last N inputs, one target per N (the multi-head curriculum's heads).
 * Graph memorisation and in-weights path-finding (stdlib `geometric_memory`): the edges of a path
   or a random tree as "u v" pairs, and path queries "source target SEP path" over the same graph.
+* Last-write-wins memory rewriting (stdlib `memory_rewriting_bench`): values shown at random
+  times, each overwriting the one before, and a query at the end whose answer is the latest value.
 
 Everything is seeded and CPU-only; sizes are small enough for unit tests.
 """
@@ -171,3 +173,33 @@ def path_queries(edges: torch.Tensor, nodes: int, count: int, seed: int = 0) -> 
         rows.append([s, t, nodes] + path[::-1])
     width = max(len(r) for r in rows)
     return torch.tensor([r + [nodes + 1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def last_write_batch(batch: int, length: int, values: int = 4, writes: tuple[int, int] = (2, 4),
+                     min_delay: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(obs [batch, length], targets [batch], last [batch]): the memory-rewriting task of "Memory
+    Retention Is Not Enough" (stdlib `memory_rewriting_bench`) as a last-write-wins sequence.
+
+    Observation ids: write(v) = v for v < values, blank = values, query = values + 1. Each row
+    shows between writes[0] and writes[1] values at distinct random steps before
+    `length - 1 - min_delay` (so at least `min_delay` blanks precede the query); every value differs
+    from the one before it, so each write after the first overwrites the stored value. The last
+    step is the query; its target is the value written last, at step `last`.
+    """
+    lo, hi = writes
+    if not 1 <= lo <= hi or values < 2 or min_delay < 0 or length - 1 - min_delay < hi:
+        raise ValueError(f"no room for {hi} writes, a delay of {min_delay} and the query in {length} steps "
+                         f"(need 1 <= writes[0] <= writes[1], values >= 2)")
+    rng = random.Random(seed)
+    obs = torch.full((batch, length), values, dtype=torch.long)
+    obs[:, -1] = values + 1
+    targets = torch.zeros(batch, dtype=torch.long)
+    last = torch.zeros(batch, dtype=torch.long)
+    for b in range(batch):
+        steps = sorted(rng.sample(range(length - 1 - min_delay), rng.randint(lo, hi)))
+        v = rng.randrange(values)
+        for t in steps:
+            obs[b, t] = v
+            targets[b], last[b] = v, t
+            v = (v + rng.randrange(1, values)) % values          # the next write changes the value
+    return obs, targets, last

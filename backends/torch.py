@@ -181,7 +181,8 @@ class _Emitter:
         if len(n.outputs) == 1:
             self.out(f"{self.v(n.out.name)} = {expr}", indent)
         else:
-            self.out(f"{', '.join(self.v(o.name) for o in n.outputs)} = {expr}", indent)
+            targets = [self.v(o.name) if o.name in self.read else "_" for o in n.outputs]   # `_`: nothing reads it
+            self.out(f"{', '.join(targets)} = {expr}", indent)
 
     def const_literal(self, n: Node) -> str:
         v = n.attr("value")

@@ -72,6 +72,7 @@ import archc.stdlib as stdlib
 from archc.backends.triton import autotune as tune
 from archc.backends.triton import emit
 from archc.backends.triton import fused as fused_gen
+from archc.backends.triton.families._util import is_zero_fill
 from archc.ir import interpret
 from archc.ir.interpret import Env, Interpreter, init_params, resolve_bindings
 from archc.ir.ops import Op
@@ -156,6 +157,7 @@ class Captured:
     names: list           # operand names in the launcher's order
     args: list            # tensors / Python scalars
     env: dict
+    frozen: tuple = ()    # operands the model fills with zeros: constants, never differentiated
 
 
 def capture(g, case: Case, device: torch.device, per_model: int) -> list[Captured]:
@@ -189,7 +191,8 @@ def capture(g, case: Case, device: torch.device, per_model: int) -> list[Capture
                     args += [it.env.eval(e) for e, _ in family.sizes(n, g)]
                 else:
                     names, args = list(n.inputs), list(ins)
-                found[id(n)] = Captured(g, n, family, ks, names, args, dict(it.env.values))
+                frozen = tuple(i for i, x in enumerate(names) if isinstance(x, str) and is_zero_fill(g, x))
+                found[id(n)] = Captured(g, n, family, ks, names, args, dict(it.env.values), frozen)
             return inner(it, n, ins, vals)
         return run
 
@@ -272,9 +275,11 @@ def variants(c: Captured, module, smoke: bool):
 NOT_COMPILED = {Op.LINEAR_SCAN}
 
 
-def _train(fn, args):
-    """fn's forward and backward: gradients of a fixed random projection of its float results."""
-    diff = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.is_floating_point()]
+def _train(fn, args, frozen: tuple = ()):
+    """fn's forward and backward: gradients of a fixed random projection of its float results, with
+    respect to every float operand except the `frozen` ones (a kernel may specialise on a zero fill,
+    e.g. the gated scan's h0, and then rightly has no gradient for it)."""
+    diff = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.is_floating_point() and i not in frozen]
     leaves = [a.detach().requires_grad_(True) if i in diff else a for i, a in enumerate(args)]
     weights = {}
 
@@ -314,7 +319,7 @@ def bench_case(c: Captured, module, timer: Timer, peak: float, smoke: bool, do_t
             with torch.no_grad():
                 archc_fn(*args)
             if c.ks.needs_grad:
-                _train(archc_fn, args)()
+                _train(archc_fn, args, c.frozen)()
         tuned_cfg = {k: v[0] for k, v in session.best.items()}
         tune._MEMO.update(tuned_cfg)
         tune._SIZES.clear()
@@ -328,8 +333,8 @@ def bench_case(c: Captured, module, timer: Timer, peak: float, smoke: bool, do_t
                  "gbps": moved / t_archc / 1e9, "pct_copy": 100 * moved / t_archc / 1e9 / peak,
                  "max_err": err, "config": _cfg_text(tuned_cfg, c.ks)})
     if c.ks.needs_grad:
-        a_step, e_step = _train(archc_fn, args), _train(eager_fn, args)
-        k_step = _train(compiled_fn, args) if compiled_fn is not None else None
+        a_step, e_step = _train(archc_fn, args, c.frozen), _train(eager_fn, args, c.frozen)
+        k_step = _train(compiled_fn, args, c.frozen) if compiled_fn is not None else None
         ga, ge = a_step(), e_step()
         rows.append({**base, "mode": "fwd+bwd", "archc_us": 1e6 * timer(a_step), "eager_us": 1e6 * timer(e_step),
                      "compile_us": 1e6 * _maybe(timer, k_step), "max_err": _max_err(list(ga), list(ge))})

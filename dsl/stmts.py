@@ -555,7 +555,7 @@ class StmtLowering:
         carried = self._carried(st.body[:-1], scope, st.span)
         seg = self.b.value(st.var, x.type.with_shape(x.type.shape[:1] + (size,) + x.type.shape[2:]))
         T = x.type.shape[1]
-        nseg = sympy.ceiling(T / size)
+        nseg = T if size == 1 else sympy.ceiling(T / size)      # a per-step scan stacks to length T itself
 
         def body(bscope, bf):
             bscope.vars[st.var] = seg

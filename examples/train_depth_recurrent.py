@@ -28,7 +28,6 @@ steps. The changeable step count is the model's own: `model.steps = k` on the tr
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -36,19 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from archc import stdlib
+from archc.training import example_cli, progress
 
 FULL = {"train_steps": 6, "iters": 300, "d": 32, "heads": 2, "lr": 1e-2, "batch": 64, "eval_graphs": 512}
 QUICK = {"train_steps": 4, "iters": 150, "d": 32, "heads": 2, "lr": 1e-2, "batch": 64, "eval_graphs": 256}
-
-
-def progress(label: str, done: int, total: int, start: float, loss: float | None = None) -> None:
-    """A one-line text progress bar, redrawn in place with a carriage return."""
-    width = 24
-    filled = width * done // total
-    msg = f"\r{label:<16} [{'#' * filled}{'.' * (width - filled)}] {done:>4}/{total} {time.time() - start:6.1f}s"
-    if loss is not None:
-        msg += f"  loss {loss:.4f}"
-    print(msg, end="\n" if done == total else "", flush=True)
 
 
 def make_graphs(batch: int, nodes: int, min_hops: int, max_hops: int, rng: np.random.Generator,
@@ -104,7 +94,7 @@ def main(quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> d
         opt.step()
         sched.step()
         if it % 10 == 0 or it == cfg["iters"]:
-            progress(f"train steps<={S}", it, cfg["iters"], start, loss.item())
+            progress(f"train steps<={S}", it, cfg["iters"], start, loss.item(), label_width=16)
     train_seconds = time.time() - start
 
     erng = np.random.default_rng(seed + 1000)
@@ -139,18 +129,6 @@ def main(quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> d
     return res
 
 
-def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced run (S = 4, fewer iterations)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: these models are too small to gain from more)")
-    parser.add_argument("--iters", type=int, help="training iterations (overrides the preset)")
-    parser.add_argument("--train-steps", type=int, help="S, the most recurrence steps used in training")
-    args = parser.parse_args()
-    overrides = {k: v for k, v in (("iters", args.iters), ("train_steps", args.train_steps)) if v is not None}
-    main(quick=args.quick, seed=args.seed, threads=args.threads, **overrides)
-
-
 if __name__ == "__main__":
-    cli()
+    example_cli(main, __doc__, "reduced run (S = 4, fewer iterations)",
+                {"--train-steps": "S, the most recurrence steps used in training"})

@@ -30,7 +30,6 @@ pass of one layer over the batch = 1, its backward = 2): per update HRM runs 48 
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from pathlib import Path
@@ -41,21 +40,12 @@ import torch.nn.functional as F
 
 import archc
 from archc import stdlib
+from archc.training import example_cli, progress
 
 BASELINE = Path(__file__).resolve().parent / "post_norm_transformer.arch"
 MODEL = {"d": 32, "heads": 2, "segments": 4, "h_cycles": 2, "l_cycles": 2, "lr": 1e-2, "batch": 64}
 FULL = {**MODEL, "iters": 500, "baseline_long": 5, "train_puzzles": 10000, "test_puzzles": 1000}
 QUICK = {**MODEL, "iters": 15, "baseline_long": 0, "train_puzzles": 300, "test_puzzles": 100}
-
-
-def progress(label: str, done: int, total: int, start: float, loss: float | None = None) -> None:
-    """A one-line text progress bar, redrawn in place with a carriage return."""
-    width = 24
-    filled = width * done // total
-    msg = f"\r{label:<16} [{'#' * filled}{'.' * (width - filled)}] {done:>4}/{total} {time.time() - start:6.1f}s"
-    if loss is not None:
-        msg += f"  loss {loss:.4f}"
-    print(msg, end="\n" if done == total else "", flush=True)
 
 
 def all_grids() -> np.ndarray:
@@ -112,7 +102,7 @@ def train(model, label: str, iters: int, cfg: dict, data, rng: np.random.Generat
         opt.step()
         sched.step()
         if it % 5 == 0 or it == iters:
-            progress(label, it, iters, start, loss.item())
+            progress(label, it, iters, start, loss.item(), label_width=16)
     return time.time() - start
 
 
@@ -178,17 +168,5 @@ def main(quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> d
     return {"rows": rows, "hrm": rows[0], "baseline": rows[1], "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
-def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run in seconds (too short to show the effect)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: these models are too small to gain from more)")
-    parser.add_argument("--iters", type=int, help="training updates per model (overrides the preset)")
-    args = parser.parse_args()
-    overrides = {"iters": args.iters} if args.iters is not None else {}
-    main(quick=args.quick, seed=args.seed, threads=args.threads, **overrides)
-
-
 if __name__ == "__main__":
-    cli()
+    example_cli(main, __doc__, "smoke run in seconds (too short to show the effect)")

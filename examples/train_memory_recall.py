@@ -25,7 +25,6 @@ visible.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 import archc
 from archc import stdlib
+from archc.training import example_cli, progress
 
 WINDOW_ARCH = Path(__file__).resolve().parent / "window_attention.arch"
 KEYS = VALUES = 8
@@ -49,16 +49,6 @@ FULL = {"iters": 600, "d": 32, "batch": 64, "test": 2000,
         "models": ["MemoryCachingGRM", "TitansMAC", "WindowAttentionLM", "full attention (control)"]}
 QUICK = {"iters": 80, "d": 32, "batch": 64, "test": 300, "models": ["MemoryCachingGRM", "WindowAttentionLM"]}
 LR = {"MemoryCachingGRM": 2e-2, "TitansMAC": 5e-3, "WindowAttentionLM": 1e-2, "full attention (control)": 3e-3}
-
-
-def progress(label: str, done: int, total: int, start: float, loss: float | None = None) -> None:
-    """A one-line text progress bar, redrawn in place with a carriage return."""
-    width = 24
-    filled = width * done // total
-    msg = f"\r{label[:18]:<18} [{'#' * filled}{'.' * (width - filled)}] {done:>4}/{total} {time.time() - start:6.1f}s"
-    if loss is not None:
-        msg += f"  loss {loss:.4f}"
-    print(msg, end="\n" if done == total else "", flush=True)
 
 
 def make_batch(batch: int, rng: np.random.Generator):
@@ -137,17 +127,5 @@ def main(quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> d
             "cpu_seconds": cpu_seconds}
 
 
-def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced run (MemoryCachingGRM and the window model only)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: these models are too small to gain from more)")
-    parser.add_argument("--iters", type=int, help="training updates per model (overrides the preset)")
-    args = parser.parse_args()
-    overrides = {"iters": args.iters} if args.iters is not None else {}
-    main(quick=args.quick, seed=args.seed, threads=args.threads, **overrides)
-
-
 if __name__ == "__main__":
-    cli()
+    example_cli(main, __doc__, "reduced run (MemoryCachingGRM and the window model only)")

@@ -145,3 +145,18 @@ def test_topk_decode_is_lossless_when_k_covers_the_context():
     torch.testing.assert_close(steps, wide(tokens), atol=1e-5, rtol=1e-4)
     steps_n, _ = decode_stepwise(narrow, tokens, 6)
     assert not torch.allclose(steps_n[:, 6:], wide(tokens)[:, 6:])   # sparse heads see 2 keys
+
+
+def test_per_step_scan_outputs_are_per_position_and_decode_one_position_at_a_time():
+    """A `scan` over segments of 1 stacks its yields to [B, T, ...] (not ceiling(T)), so recompute
+    decoding returns only the new positions (it returned the whole history before)."""
+    graphs = {g.name: g for g in stdlib.graphs("memory_rewriting_bench")}
+    g = graphs["GRUAgent"]
+    logits = next(o.type for n in g.walk() for o in n.outputs if o.name == g.body.results[0])
+    assert logits.shape[1] == g.inputs[0].type.shape[1]                  # T itself
+    torch.manual_seed(0)
+    m = stdlib.load("memory_rewriting_bench", arch="GRUAgent")().eval()
+    tokens = torch.randint(0, 6, (2, 9))
+    steps, cache = decode_stepwise(m, tokens, 4)
+    torch.testing.assert_close(steps, m(tokens), atol=1e-5, rtol=1e-4)
+    assert cache.length == 9

@@ -321,7 +321,8 @@ def _empty_caches(sess, batch: int) -> dict:
 
 
 DECODE_CASES = ["ThinK", "MoVE", "LycheeDecode", "CoLa",           # K/V caches (in loops, with a policy, with count inputs)
-                "MoR", "TitansMAC", "HRM"]                        # history recompute (routing, memory scan, halting)
+                "MoR", "TitansMAC", "HRM",                        # history recompute (routing, memory scan, halting)
+                "GRUAgent"]                                       # ... a per-step scan: its outputs have length T
 
 
 @pytest.mark.parametrize("name,g", [c for c in _cases() if c[1].name in DECODE_CASES],

@@ -3,6 +3,7 @@
 (Forward/backward at tiny sizes, golden IR and backend agreement for every stdlib model are in
 test_stdlib.py and test_torch_backend.py; reference-implementation parity is in test_parity.py.)
 """
+import itertools
 import math
 
 import pytest
@@ -1318,6 +1319,115 @@ def test_cmr_reweaves_every_layers_past_latent_states_through_a_gate():
     plain = run(g, closed, {"tokens": tokens})["logits"]                 # a closed gate is the plain decoder
     torch.testing.assert_close(plain[:, 0], out["logits"][:, 0])
     assert not torch.allclose(plain[:, 1:], out["logits"][:, 1:])
+
+
+# -- 38 Memory Retention Is Not Enough (memory rewriting) -----------------------------------------------
+
+
+def _rewriting_graphs():
+    return {g.name: g for g in stdlib.graphs("memory_rewriting_bench")}
+
+
+def test_memory_rewriting_gru_agent_is_a_gru_stepped_over_the_observations():
+    g = _rewriting_graphs()["GRUAgent"]
+    gen = torch.Generator().manual_seed(0)
+    p = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in init_params(g, seed=0).items()}
+    obs = torch.randint(0, 6, (3, 7), generator=gen)
+    cell = torch.nn.GRUCell(32, 32)
+    with torch.no_grad():
+        for ours, theirs in [("ih.weight", "weight_ih"), ("ih.bias", "bias_ih"), ("hh.weight", "weight_hh"),
+                             ("hh.bias", "bias_hh")]:
+            getattr(cell, theirs).copy_(p[f"cell.{ours}"])
+        h, hs = torch.zeros(3, 32), []
+        for t in range(7):
+            h = cell(p["embed.weight"][obs[:, t]], h)
+            hs.append(h)
+    ref = torch.stack(hs, 1) @ p["head.weight"].T + p["head.bias"]
+    torch.testing.assert_close(run(g, p, {"tokens": obs})["logits"], ref, atol=1e-5, rtol=1e-4)
+
+
+def _rewriting_by_hand(g, forget=True):
+    """Weights under which the memory stores exactly what was shown last: one-hot observations
+    (write(v) = v for v < 4, blank = 4, query = 5), one key and query for every observation,
+    value e_v for write(v) and 0 otherwise, write gate open only on writes, and (with forget) the
+    forget gate shut on writes (f = sigmoid(-30)) and open otherwise (f = sigmoid(30))."""
+    b = {"d": 6, "dk": 2, "dv": 4}
+    p = {k: torch.zeros_like(v) for k, v in init_params(g, b, seed=0).items()}
+    p["embed.weight"] = torch.eye(6)
+    p["key.weight"][0] = p["query.weight"][0] = torch.ones(6)
+    p["value.weight"][:, :4] = torch.eye(4)
+    is_write = torch.tensor([1.0, 1, 1, 1, 0, 0])
+    p["write_gate.weight"][0] = 60.0 * is_write - 30.0
+    if forget:
+        p["forget_gate.weight"][0] = 30.0 - 60.0 * is_write
+    return p, b
+
+
+def test_memory_rewriting_forget_gate_overwrites_and_the_additive_memory_returns_a_mixture():
+    graphs = _rewriting_graphs()
+    fm, am = graphs["ForgetMemoryAgent"], graphs["AdditiveMemoryAgent"]
+    pf, b = _rewriting_by_hand(fm)
+    pa, _ = _rewriting_by_hand(am, forget=False)
+    obs = torch.tensor([[1, 4, 4, 3, 4, 4, 2, 4, 4, 5],          # writes 1, 3, 2: the answer is 2
+                        [0, 4, 1, 4, 4, 4, 4, 4, 4, 5],          # writes 0, 1: the answer is 1
+                        [4, 4, 2, 4, 0, 2, 4, 3, 4, 5]])         # writes 2, 0, 2, 3: the answer is 3
+    last = torch.tensor([2, 1, 3])
+    read = run(fm, pf, {"tokens": obs}, b)["read"][:, -1]
+    torch.testing.assert_close(read, torch.eye(4)[last], atol=1e-6, rtol=0)       # exactly the last write
+    # every read along the way is the value shown last so far (zero before the first write)
+    steps = run(fm, pf, {"tokens": obs}, b)["read"]
+    shown = torch.zeros(3, 4)
+    for t in range(10):
+        shown = torch.where((obs[:, t] < 4)[:, None], torch.eye(6)[obs[:, t], :4], shown)
+        torch.testing.assert_close(steps[:, t], shown, atol=1e-6, rtol=0)
+    # with the same projections and write gate, additive writes return the sum of every value shown
+    mixed = run(am, pa, {"tokens": obs}, b)["read"][:, -1]
+    counts = torch.nn.functional.one_hot(obs, 6)[..., :4].sum(1).float()
+    torch.testing.assert_close(mixed, counts, atol=1e-6, rtol=0)
+    assert (mixed.argmax(-1) != last).any()                                          # stale values win
+    # a saturated-open forget gate makes the forget memory exactly the additive one
+    open_gate = dict(pf, **{"forget_gate.weight": torch.zeros_like(pf["forget_gate.weight"]),
+                            "forget_gate.bias": torch.full_like(pf["forget_gate.bias"], 60.0)})
+    torch.testing.assert_close(run(fm, open_gate, {"tokens": obs}, b)["read"], run(am, pa, {"tokens": obs}, b)["read"])
+
+
+def test_memory_rewriting_additive_memory_is_blind_to_the_order_of_writes():
+    """For any weights: the additive state at the query is a sum over the earlier observations, so
+    reordering them cannot change the answer (the order-blind bound of the training example); the
+    forget memory and the GRU see the order."""
+    graphs = _rewriting_graphs()
+    gen = torch.Generator().manual_seed(1)
+    obs = torch.tensor([[2, 4, 0, 4, 4, 1, 4, 5]])
+    swapped = torch.tensor([[1, 4, 0, 4, 4, 2, 4, 5]])                             # first and last write swapped
+    for name, blind in [("AdditiveMemoryAgent", True), ("ForgetMemoryAgent", False), ("GRUAgent", False)]:
+        g = graphs[name]
+        p = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in init_params(g, seed=0).items()}
+        a, b = (run(g, p, {"tokens": o})["logits"][:, -1] for o in (obs, swapped))
+        assert torch.allclose(a, b, atol=1e-5) == blind, name
+    # the forget memory with its gate held open is the additive memory, shared weights and all
+    fm, am = graphs["ForgetMemoryAgent"], graphs["AdditiveMemoryAgent"]
+    p = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in init_params(fm, seed=0).items()}
+    p["forget_gate.weight"].zero_()
+    p["forget_gate.bias"].fill_(60.0)
+    shared = {k: v for k, v in p.items() if not k.startswith("forget_gate.")}
+    assert set(shared) == set(init_params(am, seed=0))
+    torch.testing.assert_close(run(fm, p, {"tokens": obs})["logits"], run(am, shared, {"tokens": obs})["logits"],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_memory_rewriting_last_write_batch_overwrites_and_queries_the_latest_value():
+    from archc.tasks import last_write_batch
+    obs, targets, last = last_write_batch(64, 16, values=4, writes=(2, 5), min_delay=3, seed=7)
+    assert obs.shape == (64, 16) and (obs[:, -1] == 5).all()
+    for row, y, t in zip(obs.tolist(), targets.tolist(), last.tolist()):
+        steps = [i for i, o in enumerate(row) if o < 4]
+        assert 2 <= len(steps) <= 5 and steps[-1] == t and row[t] == y
+        assert all(o == 4 for o in row[t + 1:-1]) and t <= 16 - 1 - 3 - 1             # blanks before the query
+        assert all(row[a] != row[b] for a, b in itertools.pairwise(steps))                 # every write changes it
+    assert torch.equal(last_write_batch(64, 16, values=4, writes=(2, 5), min_delay=3, seed=7)[0], obs)
+    assert len(set(targets.tolist())) == 4
+    with pytest.raises(ValueError, match="no room"):
+        last_write_batch(2, 6, writes=(2, 5), min_delay=1)
 
 
 # -- 35 MEMO -------------------------------------------------------------------------------------------

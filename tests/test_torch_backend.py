@@ -211,3 +211,20 @@ def test_generated_code_passes_ruff(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "--quiet", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+def test_unread_outputs_of_a_multi_output_op_are_named_underscore(tmp_path):
+    """A LinearMemory stepped once: its final state (linear_attn's second result) is never read, so the
+    generated line binds it to `_` (ruff RUF059 rejects an unused unpacked name)."""
+    src = tmp_path / "step.arch"
+    src.write_text("arch Step(d: int = 8) {\n  input x: f32[B, T, d]\n  memory mem = LinearMemory(d, d)\n"
+                   "  output y = mem.step(x, x, x)\n}\n")
+    code = api.compile(src).source
+    assert "y, _ = linear_attn(x, x, x, mem_S)" in code
+    (tmp_path / "step.py").write_text(code)
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "--quiet", str(tmp_path / "step.py")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    x = torch.randn(2, 4, 8)
+    g = api.check(src)[0]
+    torch.testing.assert_close(api.load(src, arch="Step")()(x), run(g, {}, {"x": x})["y"], atol=ATOL, rtol=RTOL)

@@ -89,3 +89,21 @@ def test_memory_recalls_pairs_that_window_attention_cannot_see(capsys):
     assert recall["MemoryCachingGRM"] >= 0.3
     assert recall["WindowAttentionLM"] <= 0.2
     assert recall["MemoryCachingGRM"] >= recall["WindowAttentionLM"] + 0.15
+
+
+def test_gated_cores_rewrite_memory_and_the_additive_memory_cannot(capsys):
+    r = script("train_memory_rewriting").main(quick=True)
+    table = final_table(capsys)
+    assert any("retention" in line and "rewriting" in line for line in table)
+    assert [line.split()[0] for line in table if line.startswith(("GRU", "Forget", "Additive"))] == \
+        ["GRUAgent", "ForgetMemoryAgent", "AdditiveMemoryAgent"]
+    rows = {row["model"]: row for row in r["rows"]}
+    # seeds 0-2: GRU 1.000; forget memory 0.954-1.000; additive 0.484-0.526 under bounds of 0.576-0.624
+    for name in ("GRUAgent", "ForgetMemoryAgent"):
+        assert rows[name]["rewriting"] >= 0.85 and rows[name]["stale"] <= 0.1, name
+    additive = rows["AdditiveMemoryAgent"]
+    assert additive["retention"] >= 0.9                   # it keeps one value: retention is not the problem
+    assert additive["rewriting"] <= r["bound"] + 0.03      # order-blind: it cannot know which write came last
+    assert r["bound"] <= 0.7
+    assert additive["stale"] >= 0.2
+    assert rows["ForgetMemoryAgent"]["rewriting"] >= additive["rewriting"] + 0.25

@@ -175,7 +175,7 @@ def test_every_kernel_of_every_stdlib_model(name):
             with torch.no_grad():
                 assert _max_err(archc_fn(*c.args), eager_fn(*c.args)) < 1e-5, c.ks.doc
             if c.ks.needs_grad:
-                got, ref = _train(archc_fn, c.args)(), _train(eager_fn, c.args)()
+                got, ref = _train(archc_fn, c.args, c.frozen)(), _train(eager_fn, c.args, c.frozen)()
                 for a, b in zip(got, ref):
                     if b is not None:
                         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
