@@ -3,9 +3,9 @@
 Each test imports a script's `main`, runs it with its quick settings (seed 0, one thread, a few
 CPU-seconds each) and checks the numbers it returns. Where the quick run is long enough to show the
 script's effect robustly, the test also asserts its direction, with wide margins to what the quick
-runs measured over seeds 0, 1 and 2 (depth recurrence; memory versus window attention). HRM needs
-minutes of training before it pulls ahead of its baseline (examples/README.md, "Training
-results"), so its quick run is a smoke test of the pipeline and the parameter match only.
+runs measured over seeds 0, 1 and 2 (depth recurrence; memory versus window attention; memory
+rewriting). HRM needs minutes of training before it pulls ahead of its baseline (examples/README.md,
+"Training results"), so its quick run is a smoke test of the pipeline and the parameter match only.
 """
 from __future__ import annotations
 
