@@ -147,3 +147,18 @@ def test_generated_code_is_the_same_with_cold_and_warm_caches(tmp_path):
     assert len(cold) == 2 * len(MODELS)
     assert first == cold
     assert again == cold
+
+
+def test_compile_time_bench_measures_and_renders():
+    """bench/compile_time.py's worker and table (the timings themselves are not asserted on)."""
+    from bench.compile_time import markdown, measure
+    rows = measure(["think"], reps=1)
+    assert set(rows) == {"think"} and rows["think"]["first_ms"] > 0 and rows["think"]["warm_ms"] > 0
+    sides = ("after", "before")
+    data = {"models": ["think"], "rounds": 1, "reps": 1, "cold_models": ["think"], "load_start": (1.0, 1.0, 1.0),
+            "load_end": (1.0, 1.0, 1.0), "sides": {s: s for s in sides},
+            "first": {s: {"think": [20.0]} for s in sides}, "warm": {"after": {"think": [5.0]}, "before": {"think": [10.0]}},
+            "cold": {s: {"think": [300.0]} for s in sides}}
+    md = markdown(data)
+    assert "| think | 300 | 300 | 20 | 20 | 10.0 | 5.0 | 0.50 | yes |" in md
+    assert "| **all 1** | 20 | 20 | 1.00 | 10 | 5 | 0.50 |" in md
