@@ -81,8 +81,9 @@ def attention(q, k, v, causal: bool = False, window: int = 0, prefix: int = 0, m
 
 
 def topk_mask(x, k: int, axis: int):
+    """True at the k largest entries along `axis`; of equal entries the lower index wins (as ONNX TopK)."""
     k = min(k, x.shape[axis])
-    idx = torch.topk(x, k, dim=axis).indices
+    idx = torch.sort(x, dim=axis, descending=True, stable=True).indices.narrow(axis, 0, k)
     return torch.zeros_like(x, dtype=torch.bool).scatter(axis, idx, True)
 
 

@@ -308,6 +308,9 @@ def _broadcast(al, a, span, hint):
 def _split_heads(al, a, span, hint):
     x = tensor_arg(al, a["x"])
     h = int_arg(al, a["heads"], "heads")
+    if x.type.rank < 1:
+        raise al.err(f"split_heads splits the last dimension, but its argument is a scalar ({x.type})",
+                     a["x"][1], hint="split a tensor such as f32[B, T, d]")
     _check_divides(al, x.type.shape[-1], h, a["heads"][1], "the last dimension", "heads")
     return al.b.emit1(Op.SPLIT_HEADS, [x], {"heads": _attr(h)}, span, name=hint)
 
@@ -320,7 +323,11 @@ def _check_divides(al, n, k, span, what_n, what_k):
 
 
 def _merge_heads(al, a, span, hint):
-    return al.b.emit1(Op.MERGE_HEADS, [tensor_arg(al, a["x"])], {}, span, name=hint)
+    x = tensor_arg(al, a["x"])
+    if x.type.rank < 2:
+        raise al.err(f"merge_heads merges the last two dimensions, but its argument has rank {x.type.rank} "
+                     f"({x.type})", a["x"][1], hint="merge a tensor such as f32[B, T, H, Dh]")
+    return al.b.emit1(Op.MERGE_HEADS, [x], {}, span, name=hint)
 
 
 def _gather(al, a, span, hint):

@@ -15,9 +15,10 @@ def pytest_configure(config):
     """Under pytest-xdist (`-n auto`), one torch thread per worker: the workers already use every core,
     and the tests' tiny tensors gain nothing from intra-op threads they would fight over."""
     path = config.getoption("--record-stdlib-status")
-    if path is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+    worker = hasattr(config, "workerinput")           # an xdist worker (not this process's env: a test's
+    if path is not None and not worker:               # subprocess pytest inherits PYTEST_XDIST_WORKER)
         config.pluginmanager.register(_StatusRecorder(path), "archc-stdlib-status")
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if worker:
         import torch
         torch.set_num_threads(1)
 

@@ -321,6 +321,11 @@ CASES = [
      "`p` is a layer and cannot be reassigned", None),
     ("tuple-arity-mismatch", arch("a, b = x\noutput y = x"), 3, 3,
      "2 names on the left but the right side gives 1 value(s)", None),
+    # found by the front-end fuzzer: an IndexError escaped as an internal error
+    ("split-heads-of-a-scalar", arch("s = zeros([])\ny = split_heads(s, 2)\noutput o = x"), 4, 19,
+     "split_heads splits the last dimension, but its argument is a scalar", "f32[B, T, d]"),
+    ("merge-heads-of-a-vector", arch("s = zeros([4])\ny = merge_heads(s)\noutput o = x"), 4, 19,
+     "merge_heads merges the last two dimensions, but its argument has rank 1", "f32[B, T, H, Dh]"),
     ("integer-too-large", arch("k = 99999999999999999999\noutput y = x"), 3, 7, "is too large", "62 bits"),
 ]
 
