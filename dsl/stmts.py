@@ -421,6 +421,11 @@ class StmtLowering:
             yields: list[Value] = []
             for name, n in layout:
                 v = bscope.vars[name]
+                if isinstance(v, Static):
+                    raise self.err(f"`{name}` is a tensor carried by this loop ({carry_vals[len(yields)].type}), but "
+                                   "the loop body makes it a compile-time value", span,
+                                   hint=f"give it a tensor value, e.g. `{name} = full(shape, value)`, or use "
+                                        "another name for the compile-time value")
                 yields.extend(v.state if isinstance(v, MemInst) else [v])
         scope.loop_locals = {**scope.loop_locals,
                               **{k: s for k, s in bscope.local_defs.items() if k not in carried}}

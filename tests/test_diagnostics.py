@@ -326,6 +326,10 @@ CASES = [
      "split_heads splits the last dimension, but its argument is a scalar", "f32[B, T, d]"),
     ("merge-heads-of-a-vector", arch("s = zeros([4])\ny = merge_heads(s)\noutput o = x"), 4, 19,
      "merge_heads merges the last two dimensions, but its argument has rank 1", "f32[B, T, H, Dh]"),
+    # found by the front-end fuzzer (seed 3000 campaign): an AttributeError escaped as an internal error
+    ("loop-carry-becomes-static", arch("y = x\nrepeat i in 3 {\n  y = i\n}\noutput o = y"), 4, 3,
+     "`y` is a tensor carried by this loop (f32[B, T, d]), but the loop body makes it a compile-time value",
+     "full(shape, value)"),
     ("integer-too-large", arch("k = 99999999999999999999\noutput y = x"), 3, 7, "is too large", "62 bits"),
 ]
 
