@@ -443,8 +443,7 @@ def _loop(em: _Emitter, n: Node, indent: int):
     em.assign(args, [em.v(i) for i in n.inputs], indent)
     var = em.sym_names()[n.attr("var")]
     trips = em.e(n.attr("trips"), True)
-    if em.uses_kv and any(m.op is Op.ATTEND and m.attr("kv_share") == f"recursion:{n.attr('var')}" for m in r.walk()):
-        em.out(f"{em.rt('kv_reset')}(kv, {json.dumps(n.attr('var'))})", indent)
+    _kv_reset(em, n, indent)
     flag = None
     if n.attr("grad_last") is not None:
         # the state at this loop's entry: inside an outer step that runs without gradients, every
@@ -466,10 +465,19 @@ def _loop(em: _Emitter, n: Node, indent: int):
     em.assign_results(list(n.outputs), args, indent)
 
 
+def _kv_reset(em: _Emitter, n: Node, indent: int) -> None:
+    """Each run of a loop (`loop` or `halt_loop`) starts with an empty store for the K/V its sites share
+    across its recursions (as the interpreter; a loop inside a scan runs once per step)."""
+    if em.uses_kv and any(m.op is Op.ATTEND and m.attr("kv_share") == f"recursion:{n.attr('var')}"
+                          for m in n.regions[0].walk()):
+        em.out(f"{em.rt('kv_reset')}(kv, {json.dumps(n.attr('var'))})", indent)
+
+
 def _halt_loop(em: _Emitter, n: Node, indent: int):
     r = n.regions[0]
     args = [em.v(a.name) for a in r.args]
     em.assign(args, [em.v(i) for i in n.inputs], indent)
+    _kv_reset(em, n, indent)
     var = em.sym_names()[n.attr("var")]
     halted = em.ns.claim(f"halted:{n.outputs[-1].name}", "halted")
     steps = em.v(n.outputs[-1].name)
