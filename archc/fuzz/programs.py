@@ -182,7 +182,7 @@ class Gen:
         forms = [[f"{x} = {x} + cumsum({x}, axis = 1) * 0.1"],
                  [f"{t} = softmax(einsum(\"btd,bsd->bts\", {x}, {x}) / sqrt(d), axis = -1)", f"{x} = {x} + {t} @ {x}"],
                  [f"{x} = {x} + amax({x}, axis = 1, keepdim = true) * 0.1 - logsumexp({x}, axis = -1, keepdim = true)"],
-                 [f"{x} = {x} * float(topk_mask({x}, {r.choice([1, 2, 3])}, axis = -1)) + {x} * 0.5"],
+                 [f"{x} = {x} * float(topk_mask({x}, {min(r.choice([1, 2, 3]), self.sizes['d'])}, axis = -1)) + {x} * 0.5"],
                  [f"{x} = {x} + softmax({x}, axis = -1) * sum({x}, axis = -1, keepdim = true)"]]
         lines = r.choice(forms)
         if r.random() < 0.4:
