@@ -83,15 +83,26 @@ def _fold_once(nodes: list[Node], results: tuple[str, ...], ctx: _Ctx) -> list[N
     sig = [ids.setdefault(signature(nodes[i]), len(ids)) for i in compute]
     atoms = {n.out.name: atom_key(n) for n in nodes if is_atom(n)}
     home = {name: c for c, i in enumerate(compute) for name in defined_names(Region((), (nodes[i],), ()))}
+    # the atoms each node reads, by operand: where copy 1's first node reads an atom, copy 0's must read an
+    # equal one (a cheap necessary condition of _second_copy_fits, checked before building a Match)
+    reads_atom = [tuple(atoms.get(x) for x in nodes[i].inputs) for i in compute]
+
+    def first_fits(s: int, p: int) -> bool:
+        a, b = reads_atom[s], reads_atom[s + p]
+        return len(a) == len(b) and all(y is None or x == y for x, y in zip(a, b))
+
     for s in range(len(compute)):
         viable: dict[int, bool] = {}
 
-        def plan(p: int, k: int, s=s, viable=viable) -> _Run | None:
+        def fits(p: int, s=s, viable=viable) -> bool:
             if p not in viable:
-                viable[p] = _second_copy_fits(nodes, compute, s, p, atoms, home)
-            return _plan(nodes, compute, s, p, k, results, atoms, ctx) if viable[p] else None
+                viable[p] = first_fits(s, p) and _second_copy_fits(nodes, compute, s, p, atoms, home)
+            return viable[p]
 
-        found = best_run(sig, s, plan)
+        def plan(p: int, k: int, s=s) -> _Run | None:
+            return _plan(nodes, compute, s, p, k, results, atoms, ctx) if fits(p) else None
+
+        found = best_run(sig, s, plan, fits)
         if found is not None:
             best = found[0]
             span = nodes[best.first:best.last + 1]
