@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from archc.ir.core import Graph, Node, Region, Value
 from archc.ir.ops import Op
 from archc.ir.shapes import TensorType
-from archc.passes.regions import (FreshNames, Match, Renamer, atom_key, best_run, defined_names, is_atom,
+from archc.passes.regions import (FreshNames, Match, Renamer, Periods, atom_key, best_run, defined_names, is_atom,
                                   reads_of, signature, value_types)
 from archc.passes.unroll_loops import unroll_pays
 
@@ -80,7 +80,7 @@ class _Run:
 def _fold_once(nodes: list[Node], results: tuple[str, ...], ctx: _Ctx) -> list[Node] | None:
     compute = [i for i, n in enumerate(nodes) if not is_atom(n)]
     ids: dict[tuple, int] = {}
-    sig = [ids.setdefault(signature(nodes[i]), len(ids)) for i in compute]
+    periods = Periods([ids.setdefault(signature(nodes[i]), len(ids)) for i in compute])
     atoms = {n.out.name: atom_key(n) for n in nodes if is_atom(n)}
     home = {name: c for c, i in enumerate(compute) for name in defined_names(Region((), (nodes[i],), ()))}
     # the atoms each node reads, by operand: where copy 1's first node reads an atom, copy 0's must read an
@@ -102,7 +102,7 @@ def _fold_once(nodes: list[Node], results: tuple[str, ...], ctx: _Ctx) -> list[N
         def plan(p: int, k: int, s=s) -> _Run | None:
             return _plan(nodes, compute, s, p, k, results, atoms, ctx) if fits(p) else None
 
-        found = best_run(sig, s, plan, fits)
+        found = best_run(periods, s, plan, fits)
         if found is not None:
             best = found[0]
             span = nodes[best.first:best.last + 1]

@@ -28,7 +28,7 @@ from archc.errors import ArchError, Span
 from archc.ir.core import Graph, Node, Param, Region
 from archc.ir.ops import Op
 from archc.ir.shapes import as_expr, sym
-from archc.passes.regions import Match, atom_key, best_run, defined_names, is_atom, reads_of, value_types
+from archc.passes.regions import Match, Periods, atom_key, best_run, defined_names, is_atom, reads_of, value_types
 
 ORDERS = ("sequence", "cycle")
 _HINT = ("write the layers as `layer blocks[L] = Block(...)` applied by `repeat i in L { x = blocks[i](x) }`, "
@@ -136,7 +136,7 @@ def _region_chains(nodes: list[Node], types, params) -> list[_Stack]:
     compute = [i for i, n in enumerate(nodes) if not is_atom(n)]
     atoms = {n.out.name: n for n in nodes if is_atom(n)}
     ids: dict[tuple, int] = {}
-    sig = [ids.setdefault(_relaxed_signature(nodes[i]), len(ids)) for i in compute]
+    periods = Periods([ids.setdefault(_relaxed_signature(nodes[i]), len(ids)) for i in compute])
     def plan(s: int, p: int, k: int) -> _Stack | None:
         copies = [[nodes[compute[s + c * p + t]] for t in range(p)] for c in range(k)]
         layers = _layer_params(copies, atoms, types, params)
@@ -147,7 +147,7 @@ def _region_chains(nodes: list[Node], types, params) -> list[_Stack]:
     chains: list[_Stack] = []
     s = 0
     while s < len(compute):
-        found = best_run(sig, s, lambda p, k: plan(s, p, k))
+        found = best_run(periods, s, lambda p, k: plan(s, p, k))
         if found is not None:
             chains.append(found[0])
         s += found[1] if found is not None else 1

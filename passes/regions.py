@@ -274,36 +274,39 @@ def signature(n: Node) -> tuple:
 T = TypeVar("T")
 
 
-_RUNS: dict[int, tuple[list[int], dict[int, list[int]]]] = {}
+class Periods:
+    """Node signatures with, per period p, how far each position keeps matching p nodes later
+    (m[i] = consecutive t >= i with sig[t] == sig[t + p]), built once per period and shared by every
+    start: recomputing it per start made a chain of n like statements cost O(n^3)."""
+
+    def __init__(self, sig: list[int]):
+        self.sig = sig
+        self._runs: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.sig)
+
+    def copies(self, s: int, p: int) -> int:
+        """How many back-to-back copies of sig[s:s + p] start at s."""
+        if p not in self._runs:
+            sig, m = self.sig, [0] * (len(self.sig) + 1)
+            for i in range(len(sig) - p - 1, -1, -1):
+                m[i] = m[i + 1] + 1 if sig[i] == sig[i + p] else 0
+            self._runs[p] = m
+        return 1 + self._runs[p][s] // p
 
 
-def _matching(sig: list[int], p: int) -> list[int]:
-    """m[i] = how many consecutive positions from i have sig[t] == sig[t + p] (computed once per sig and
-    p: recomputing it per start made a chain of n like statements cost O(n^3))."""
-    key = id(sig)
-    if key not in _RUNS or _RUNS[key][0] is not sig:
-        _RUNS.clear()
-        _RUNS[key] = (sig, {})
-    cache = _RUNS[key][1]
-    if p not in cache:
-        m = [0] * (len(sig) + 1)
-        for i in range(len(sig) - p - 1, -1, -1):
-            m[i] = m[i + 1] + 1 if sig[i] == sig[i + p] else 0
-        cache[p] = m
-    return cache[p]
-
-
-def best_run(sig: list[int], s: int, plan: Callable[[int, int], T | None],
+def best_run(periods: Periods, s: int, plan: Callable[[int, int], T | None],
              viable: Callable[[int], bool] | None = None) -> tuple[T, int] | None:
     """The run of k >= 2 back-to-back copies of p nodes starting at `s` that covers the most nodes
     and that `plan(p, k)` accepts (fewest nodes per copy on a tie), with its node count.
 
-    `sig` holds one id per node (equal ids: `signature`s agree), so most candidates are rejected
-    before `plan` does the full check.
+    `periods` holds one id per node (equal ids: `signature`s agree), so most candidates are
+    rejected before `plan` does the full check.
     """
     best, size = None, 0
-    for p in range(1, (len(sig) - s) // 2 + 1):
-        k = 1 + _matching(sig, p)[s] // p        # copies 1..k-1 equal copy 0 (each equals the one before)
+    for p in range(1, (len(periods) - s) // 2 + 1):
+        k = periods.copies(s, p)
         if k < 2 or k * p <= size or (viable is not None and not viable(p)):
             continue                              # (`viable(p)`: no run of period p at s can fold)
         for copies in range(k, 1, -1):
