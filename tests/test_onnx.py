@@ -307,6 +307,40 @@ def test_op_zoo_matches_interpreter(arch):
     _check(_run(sess, _feeds(inputs)), run(g, _torch_weights(w), inputs))
 
 
+MASKED_ROWS = """
+arch M(d: int = 8, heads: int = 2) {
+  input x: f32[B, T, d]
+  input mask: bool[B, T, T]
+  layer q = Linear(d, d)
+  layer k = Linear(d, d)
+  layer v = Linear(d, d)
+  output y = merge_heads(attend(split_heads(q(x), heads), split_heads(k(x), heads), split_heads(v(x), heads), mask = mask))
+  output yc = merge_heads(attend(split_heads(q(x), heads), split_heads(k(x), heads), split_heads(v(x), heads),
+                                 causal = true, window = 2, mask = mask))
+}
+"""
+
+
+def test_attention_rows_with_no_allowed_key_are_zero_and_masks_are_exact():
+    """The mask is an additive -1e30 bias (a fully masked row would softmax to uniform weights): rows
+    with no allowed key must still give zeros, and partly masked rows the interpreter's weights."""
+    (g,) = api.check(MASKED_ROWS)
+    w = seeded_weights(g, seed=0)
+    sess = session(export_forward(g, w).model, threads=1)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 8, generator=gen) * 30          # large scores: a finite bias must still mask exactly
+    mask = torch.rand(2, 6, 6, generator=gen) > 0.5
+    mask[0, 2] = False                                     # a row with no allowed key
+    mask[1, :4, :4] = False                                # rows 0-3 see only keys 4-5: none of them
+    mask[1, :4, 4:] = True                                 # under causal = true (yc), all of them in y
+    inputs = {"x": x, "mask": mask}
+    out = _run(sess, _feeds(inputs))
+    ref = run(g, _torch_weights(w), inputs)
+    _check(out, ref)
+    assert np.all(out["y"][0, 2] == 0) and np.all(out["yc"][1, :4] == 0)
+    assert np.abs(out["y"][0, 3]).max() > 0 and np.abs(out["y"][1, :4]).max() > 0
+
+
 LOOKUP_I64 = """
 # lookup in an i64 table (CHEEM's per-task structure tables): the rows keep the table's dtype
 arch L(n: int = 3) {

@@ -163,7 +163,7 @@ class Gen:
         forms = [f"{x} = {r.choice(ACTS)}({x})",
                  f"{x} = {x} * sigmoid({x}) + 0.5 * {x}",
                  f"{x} = l2_normalize({x}) * 2.0",
-                 f"{x} = {x} - mean({x}, axis = -1, keepdim = true)",
+                 f"{x} = {x} - 0.5 * mean({x}, axis = -1, keepdim = true)",   # not a zero mean: no decision on rounding noise
                  f"{x} = where({x} > 0.0, {x}, {x} * 0.1)",
                  f"{x} = max({x}, -1.0) + min({x}, 1.0)",
                  f"{x} = abs({x}) * 0.5 - {x}",
@@ -173,7 +173,7 @@ class Gen:
                  f"{x} = float(int({x} * 4.0)) / 4.0 + {x}",
                  f"{x} = {x} * float({x} > 0.0)",
                  f"{x} = merge_heads(split_heads({x}, heads) * 0.5)",
-                 f"{x} = transpose(transpose({x}, 1, 2), 1, 2) + {x} ** 2 * 0.1"]
+                 f"{x} = transpose(transpose({x}, 1, 2), 1, 2) + tanh({x}) ** 2 * 0.1"]   # bounded: x + 0.1 x**2 iterated overflowed
         return [r.choice(forms)]
 
     def s_mix(self, ctx: Ctx) -> list[str]:
