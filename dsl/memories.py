@@ -36,6 +36,10 @@ def _batch(al, span):
 # -- NeuralMemory: an MLP whose weights are per-sample state updated by an inner gradient step -------
 
 
+#: the deepest NeuralMemory MLP (the fuzzer found 268435456, which exhausted memory building its layer list)
+MAX_MEMORY_LAYERS = 64
+
+
 def _nm_shapes(c):
     d, h, n = c["d"], c["hidden"], int(c["layers"])
     if n == 1:
@@ -256,6 +260,9 @@ def declare_memory(al, decl: A.MemoryDecl, scope, frame) -> MemInst:
             c["hidden"] = as_expr(c["d"])
         if not c["layers"].is_Integer:
             raise al.err("`layers` of NeuralMemory must be a literal integer", raw["layers"][1])
+        if int(c["layers"]) > MAX_MEMORY_LAYERS:    # each layer is a weight and an unrolled inner-gradient step
+            raise al.err(f"`layers` of NeuralMemory is {int(c['layers'])}; at most {MAX_MEMORY_LAYERS} are supported",
+                         raw["layers"][1], hint="a memory MLP is typically 1-4 layers deep")
     path = f"{frame.path}.{decl.name}" if frame.path else decl.name
     from dataclasses import replace
     state, extra = kind.init(al, replace(frame, path=path), c, decl.span)

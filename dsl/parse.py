@@ -5,6 +5,7 @@ No semantic checks happen here: names, types and shapes are the lowering's job.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from functools import lru_cache
 from importlib import resources
@@ -468,7 +469,11 @@ class ToAst(Transformer):
         return A.Num(value=int(tok), span=self._s(meta))
 
     def float_lit(self, meta, tok):
-        return A.Num(value=float(tok), span=self._s(meta))
+        value = float(tok)
+        if math.isinf(value):
+            raise ArchError(f"number {str(tok)[:40]} is too large: it overflows to infinity", self._s(meta),
+                            hint="float literals must be finite (at most about 1.8e308)")
+        return A.Num(value=value, span=self._s(meta))
 
     def true_lit(self, meta):
         return A.Bool(value=True, span=self._s(meta))

@@ -313,7 +313,10 @@ class StmtLowering:
             if isinstance(d, A.Name) and d.id in free:
                 dims.append(free[d.id])
                 continue
-            dims.append(self.al.static(d, bscope, _F(), "a dimension").expr)
+            v = self.al.static(d, bscope, _F(), "a dimension")
+            if v.kind != "int":
+                raise self.err(f"a dimension must be an integer, got {expr_str(v.expr)}", d.span)
+            dims.append(v.expr)
         return TensorType(DTYPES[decl.type.dtype], tuple(dims))
 
     # -- repeat ------------------------------------------------------------------------------------
@@ -421,11 +424,12 @@ class StmtLowering:
             yields: list[Value] = []
             for name, n in layout:
                 v = bscope.vars[name]
-                if isinstance(v, Static):
+                if not isinstance(v, (Value, MemInst)):
+                    what = "a list" if isinstance(v, (list, tuple)) else "a compile-time value"
                     raise self.err(f"`{name}` is a tensor carried by this loop ({carry_vals[len(yields)].type}), but "
-                                   "the loop body makes it a compile-time value", span,
+                                   f"the loop body makes it {what}", span,
                                    hint=f"give it a tensor value, e.g. `{name} = full(shape, value)`, or use "
-                                        "another name for the compile-time value")
+                                        f"another name for {what}")
                 yields.extend(v.state if isinstance(v, MemInst) else [v])
         scope.loop_locals = {**scope.loop_locals,
                               **{k: s for k, s in bscope.local_defs.items() if k not in carried}}

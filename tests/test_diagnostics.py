@@ -331,6 +331,19 @@ CASES = [
      "`y` is a tensor carried by this loop (f32[B, T, d]), but the loop body makes it a compile-time value",
      "full(shape, value)"),
     ("integer-too-large", arch("k = 99999999999999999999\noutput y = x"), 3, 7, "is too large", "62 bits"),
+    # found by the front-end fuzzer (seed 5000 campaign): a TypeError, an AttributeError and a codegen
+    # ValueError escaped as internal errors
+    ("bool-dimension-in-a-block-input", src("""
+        block Q(d: int) {
+          input q: f32[N, true, d]
+          return q
+        }
+        """) + arch("layer b = Q(d)\noutput y = b(x)"), 2, 19, "a dimension must be an integer, got", None),
+    ("loop-carry-becomes-a-list", arch("y = x\nrepeat i in 3 {\n  y = [[y]]\n}\noutput o = y"), 4, 3,
+     "`y` is a tensor carried by this loop (f32[B, T, d]), but the loop body makes it a list", "full(shape, value)"),
+    ("memory-with-too-many-layers", arch("memory m = NeuralMemory(d, layers = 268435456)\noutput y = m.read(x)"), 3, 39,
+     "at most 64 are supported", "1-4 layers"),
+    ("float-literal-overflows", arch("output y = x * float(x > 9e999)"), 3, 28, "overflows to infinity", "finite"),
 ]
 
 assert len({c[0] for c in CASES}) == len(CASES), "case ids must be distinct"
