@@ -23,7 +23,6 @@ UNTRACEABLE = {
     Op.HALT_LOOP: "its per-sample early exit (`if halted.all(): break`) is data-dependent control flow",
     Op.ROUTE_MASK: "it runs each sample on a data-dependent number of tokens (`nonzero`), a shape torch.export "
                    "cannot specialise",
-    Op.MEM_WRITE: "its inner gradient step calls `torch.autograd.grad` inside forward",
 }
 
 INSTALL_HINT = ("install torch-mlir from PyPI: pip install 'archc[mlir]' (wheels for Linux x86-64; it imports "

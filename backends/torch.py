@@ -1124,10 +1124,9 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
     if uses_math or runtime & {"attention"}:
         out += ["import math", ""]
     body: list[str] = []
-    if "memory_write" in runtime:
-        runtime.add("lq_normalize")            # memory_write applies it for the l_q retention
+    if "memory_write" in runtime:              # the l_q retention, and the written-out backward
+        runtime |= {"lq_normalize", "_act_grad", "_loss_grad"}
     if runtime & {"mlp_memory", "memory_write"}:
-        runtime.add("mlp_memory")
         body += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
     if "KVCache" in runtime:
         runtime |= {"topk_attention", "causal_scores"}

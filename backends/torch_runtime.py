@@ -142,7 +142,40 @@ def lq_normalize(ws, q: float):
     return [a / a.abs().pow(q).sum(dim=(-2, -1), keepdim=True).pow((q - 2) / q).clamp_min(1e-12) for a in ws]
 
 
-@torch.compiler.disable
+def _act_grad(act: str, z):
+    """d act(z) / dz, elementwise (differentiable again: the outer pass trains through it)."""
+    if act == "gelu":                     # Phi(z) + z phi(z), the erf form F.gelu computes
+        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "silu":                     # s (1 + z (1 - s))
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if act == "tanh":
+        t = torch.tanh(z)
+        return 1 - t * t
+    raise ValueError(f"unknown memory activation {act!r}")
+
+
+def _loss_grad(loss: str, err, p: float, delta):
+    """d mean_d loss(err) / d err per token, err: [B, N, D] (the memory's attentional bias)."""
+    if loss == "mse":
+        g = 2 * err
+    elif loss == "l1":
+        g = torch.sign(err)
+    elif loss == "lp":                    # (e^2 + 1e-6)^(p/2) -> p e (e^2 + 1e-6)^(p/2 - 1)
+        g = p * err * (err * err + 1e-6).pow(p / 2 - 1)
+    elif loss == "yaad":                  # e^2 while ||e|| <= delta, else delta * sqrt(e^2 + 1e-6)
+        dl = delta.reshape(err.shape[0], -1, 1)
+        small = err.norm(dim=-1, keepdim=True) <= dl
+        g = torch.where(small, 2 * err, dl * err / (err * err + 1e-6).sqrt())
+    elif loss == "huber":                 # delta 1: quadratic inside, linear outside
+        g = err.clamp(-1.0, 1.0)
+    else:
+        raise ValueError(f"unknown memory loss {loss!r}")
+    return g / err.shape[-1]
+
+
 def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, loss: str,
                  retention: str = "l2", q: float = 4.0, p: float = 3.0, delta=None):
     """One inner step: S = momentum*S - grad(sum_t lr_t * loss(M(k_t), v_t)), then the retention rule:
@@ -151,39 +184,35 @@ def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, l
 
     Losses per token (mean over features): mse (e^2), l1 |e|, huber, lp (e^2 + 1e-6)^(p/2), yaad
     (e^2 while ||e|| <= delta_t, else delta_t * |e|, |e| smoothed as sqrt(e^2 + 1e-6)).
-    Gradients are taken per sample (weights are per sample) at the weights the memory applies.
-    Under an outer autograd pass the step is differentiable (create_graph), so the memory trains end
-    to end. torch.compile runs this step eagerly (an autograd.grad inside a compiled graph is not
-    supported by AOTAutograd).
+    Gradients are taken per sample (weights are per sample) at the weights the memory applies, by
+    backpropagation through the memory MLP written out (no torch.autograd.grad): G_p = lr * dloss/dp,
+    dW_i = sum_t G_{z_i}^T h_i, G_{z_(i-1)} = (G_{z_i} W_i) * act'(z_(i-1)). Being ordinary tensor
+    ops, the step runs under torch.compile and inference mode, and the outer autograd pass trains
+    through it (the memory learns end to end), as it did through autograd.grad(create_graph=True).
+    When no memory weight requires a gradient the step is a constant of the outer pass.
     """
-    if torch.is_inference_mode_enabled():
-        # inference tensors cannot enter autograd: take the inner step on normal copies
-        with torch.inference_mode(False), torch.no_grad():
-            copy = [k, v, lr, momentum, forget, ws, ms, delta]
-            copy = [[t.clone() for t in x] if isinstance(x, list) else x if x is None else x.clone() for x in copy]
-            k, v, lr, momentum, forget, ws, ms, delta = copy
-            return memory_write(k, v, lr, momentum, forget, ws, ms, act, residual, loss, retention, q, p, delta)
-    outer = torch.is_grad_enabled()
     applied = lq_normalize(ws, q) if retention == "lq" else ws
-    with torch.enable_grad():
-        # a fresh node per weight: the inner gradient is d loss / d W with k and v held fixed, even
-        # when k and v were themselves computed from this memory (clone keeps the outer graph)
-        leaf = [w.clone() if (w.requires_grad and outer) else w.detach().requires_grad_(True) for w in applied]
-        err = mlp_memory(k, leaf, act, residual) - v
-        if loss == "mse":
-            per_token = err.pow(2).mean(-1)
-        elif loss == "l1":
-            per_token = err.abs().mean(-1)
-        elif loss == "lp":
-            per_token = (err.pow(2) + 1e-6).pow(p / 2).mean(-1)
-        elif loss == "yaad":
-            small = err.norm(dim=-1) <= delta.reshape(err.shape[:-1])
-            per_token = torch.where(small, err.pow(2).mean(-1),
-                                    delta.reshape(err.shape[:-1]) * (err.pow(2) + 1e-6).sqrt().mean(-1))
-        else:
-            per_token = F.huber_loss(err, torch.zeros_like(err), reduction="none").mean(-1)
-        total = (per_token.reshape(lr.shape) * lr).sum()
-        grads = torch.autograd.grad(total, leaf, create_graph=outer and any(w.requires_grad for w in ws))
+    B = k.shape[0]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+        x0 = h = k.reshape(B, -1, k.shape[-1])
+        inputs, pre = [], []
+        for i, w in enumerate(applied):
+            inputs.append(h)
+            z = torch.einsum("bti,boi->bto", h, w)
+            if i < len(applied) - 1:
+                pre.append(z)
+                h = _MEMORY_ACTS[act](z)
+            else:
+                h = z
+        if residual:
+            h = h + x0
+        err = h - v.reshape(B, -1, v.shape[-1])
+        gz = _loss_grad(loss, err, p, delta) * lr.reshape(B, -1, 1)
+        grads = [None] * len(applied)
+        for i in reversed(range(len(applied))):
+            grads[i] = torch.einsum("bto,bti->boi", gz, inputs[i])
+            if i:
+                gz = torch.einsum("bto,boi->bti", gz, applied[i]) * _act_grad(act, pre[i - 1])
     new_m = [momentum.reshape((-1,) + (1,) * (m.dim() - 1)) * m - g for m, g in zip(ms, grads)]
     keep = [1 - forget.reshape((-1,) + (1,) * (w.dim() - 1)) for w in ws]
     if retention == "kl":

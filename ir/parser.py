@@ -101,6 +101,22 @@ class _Cursor:
         if self.pos != len(self.text):
             raise self.error(f"unexpected {self.found()} at the end of the line", self.pos, len(self.text))
 
+    def scan_expression(self) -> tuple[str, int]:
+        """The text of a `<expression>` up to its closing `>`: the first `>` outside parentheses that
+        is not a comparison, i.e. is followed by the end of the line or by `,` `}` `]` `)` `:` (a
+        comparison's `>` or `>=` is followed by an operand: `<T > 0.0>`, the fuzzer's case)."""
+        self.ws()
+        start, depth = self.pos, 0
+        while self.pos < len(self.text):
+            ch = self.text[self.pos]
+            if depth == 0 and ch == ">":
+                rest = self.text[self.pos + 1:].lstrip(" ")
+                if not rest or rest[0] in ",}]):\n":
+                    break
+            depth += (ch == "(") - (ch == ")")
+            self.pos += 1
+        return self.text[start:self.pos].rstrip(), start
+
     def scan_until(self, stops: str) -> tuple[str, int]:
         """Raw text up to the first of `stops` outside parentheses (an expression's extent)."""
         self.ws()
@@ -404,7 +420,7 @@ class _Parser:
             return tuple(self.comma_list(c, "[", "]", lambda: self.value(c)))
         if ch == "<":
             c.pos += 1
-            text, expr_start = c.scan_until(">")
+            text, expr_start = c.scan_expression()
             if not c.accept(">"):
                 raise c.error("unterminated <expression>", start, c.pos)
             return self.expr(c, text, expr_start)

@@ -267,10 +267,21 @@ def parse_expr(text: str) -> sympy.Expr:
         num, name, op = m.groups()
         toks.append(("num", num) if num else ("name", name) if name else ("op", op))
     p = _ExprParser(toks, text)
-    e = p.sum()
-    if p.i != len(toks):
-        raise ExprSyntaxError(f"trailing input in expression {text!r}")
-    return e
+    first: ExprSyntaxError | None = None
+    try:
+        e = p.sum()
+    except ExprSyntaxError as err:
+        first = err
+    if first is None and p.i == len(toks):
+        return e
+    q = _ExprParser(toks, text)                # a compile-time condition: `T > 0.0`, `(d > 2) & (T < 8)`
+    try:
+        e = q.condition()
+        if q.i == len(toks):
+            return e
+    except ExprSyntaxError:
+        pass
+    raise first or ExprSyntaxError(f"trailing input in expression {text!r}")
 
 
 class _ExprParser:

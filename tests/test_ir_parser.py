@@ -192,3 +192,20 @@ def test_bad_ir_points_at_the_token(text, line, column, fragment):
     assert fragment in err.message
     assert (err.span.file, err.span.line, err.span.column) == ("bad.ir", line, column)
     assert err.render().startswith(f"bad.ir:{line}:{column}: error:")
+
+
+def test_compile_time_conditions_round_trip_inside_angle_brackets():
+    """A bool const whose value is a relation on a dimension (`related or T > 0.0`, found by the
+    front-end fuzzer) prints as `<T > 0.0>`: the `>` of the relation must not end the expression."""
+    text = """\
+graph Rel() {
+  %c = const() {dtype="bool", value=<T > 0.0>} : bool[]
+  %e = const() {dtype="bool", value=<(T >= 2) & (d < 8)>, w=[<T > 1>, 3]} : bool[]
+  output %c, %e
+}
+"""
+    (g,) = parse_ir(text)
+    value = g.body.nodes[0].attr("value")
+    assert value == sympy.StrictGreaterThan(sym("T"), sympy.Float(0.0))
+    assert g.body.nodes[1].attr("w")[0] == sympy.StrictGreaterThan(sym("T"), 1)
+    assert print_module(parse_ir(print_module([g]))) == print_module([g])
