@@ -1125,7 +1125,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
         out += ["import math", ""]
     body: list[str] = []
     if "memory_write" in runtime:              # the l_q retention, and the written-out backward
-        runtime |= {"lq_normalize", "_act_grad", "_loss_grad"}
+        runtime |= {"lq_normalize", "_act_grad", "_loss_grad", "memory_update"}
     if runtime & {"mlp_memory", "memory_write"}:
         body += ["", "_MEMORY_ACTS = {\"gelu\": F.gelu, \"relu\": F.relu, \"silu\": F.silu, \"tanh\": torch.tanh}"]
     if "KVCache" in runtime:

@@ -213,6 +213,11 @@ def memory_write(k, v, lr, momentum, forget, ws, ms, act: str, residual: bool, l
             grads[i] = torch.einsum("bto,bti->boi", gz, inputs[i])
             if i:
                 gz = torch.einsum("bto,boi->bti", gz, applied[i]) * _act_grad(act, pre[i - 1])
+    return memory_update(ws, ms, grads, momentum, forget, retention)
+
+
+def memory_update(ws, ms, grads, momentum, forget, retention: str):
+    """S' = momentum * S - G, then the retention rule on W (see memory_write)."""
     new_m = [momentum.reshape((-1,) + (1,) * (m.dim() - 1)) * m - g for m, g in zip(ms, grads)]
     keep = [1 - forget.reshape((-1,) + (1,) * (w.dim() - 1)) for w in ws]
     if retention == "kl":

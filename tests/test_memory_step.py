@@ -34,13 +34,7 @@ def autograd_memory_write(k, v, lr, momentum, forget, ws, ms, act, residual, los
             per_token = F.huber_loss(err, torch.zeros_like(err), reduction="none").mean(-1)
         total = (per_token.reshape(lr.shape) * lr).sum()
         grads = torch.autograd.grad(total, leaf, create_graph=outer and any(w.requires_grad for w in ws))
-    new_m = [momentum.reshape((-1,) + (1,) * (m.dim() - 1)) * m - g for m, g in zip(ms, grads)]
-    keep = [1 - forget.reshape((-1,) + (1,) * (w.dim() - 1)) for w in ws]
-    if retention == "kl":
-        new_w = [torch.softmax(f * w.clamp_min(1e-30).log() + m, dim=-1) for f, w, m in zip(keep, ws, new_m)]
-    else:
-        new_w = [f * w + m for f, w, m in zip(keep, ws, new_m)]
-    return new_w, new_m
+    return rt.memory_update(ws, ms, grads, momentum, forget, retention)      # the same update rule
 
 
 def _case(act, loss, retention, layers, residual, seed=0):
