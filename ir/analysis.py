@@ -84,6 +84,12 @@ def kv_decode_blocker(g: Graph) -> str | None:
         hits = [i for i, d in enumerate(t.shape) if d == T]
         return hits[0] if hits else (-1 if any(d.has(T) for d in t.shape) else None)
 
+    types = {a.name: a.type for a in g.inputs}
+    for n in g.walk():
+        types.update((o.name, o.type) for o in n.outputs)
+        for r in n.regions:
+            types.update((a.name, a.type) for a in r.args)
+
     def check(r: Region) -> str | None:
         for n in r.walk():
             what = f"`{n.op.value}`" + (f" at line {n.span.line}" if n.span else "")
@@ -93,6 +99,11 @@ def kv_decode_blocker(g: Graph) -> str | None:
                 ax = seq_axis(o.type)
                 if ax is not None and ax != 1:
                     return f"{what} moves the sequence axis"
+                if sum(1 for d in o.type.shape if d == T) > 1:      # einsum("btd,bsd->bts"): position pairs
+                    return f"{what} pairs positions along the sequence"
+            if (n.op in (Op.EINSUM, Op.MATMUL) and any(seq_axis(types[i]) is not None for i in n.inputs if i in types)
+                    and all(seq_axis(o.type) is None for o in n.outputs)):
+                return f"{what} contracts along the sequence"
             if n.op in _SEQ_MIXING_REDUCE and n.attr("axis") == 1:
                 return f"{what} reduces or indexes along the sequence"
             if n.op is Op.ATTEND and (not n.attr("causal") or n.attr("has_mask") or n.attr("prefix")):

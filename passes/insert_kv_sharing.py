@@ -79,7 +79,10 @@ def recursion_blocker(loop: Node) -> str | None:
         if sum(1 for m in body.walk() if m.op is Op.ATTEND and m.attr("site") == site) != 1:
             return f"`{site}` runs at more than one place in the loop"
         for c in ancestors(body, a):
-            once = c.op is Op.ROUTE_TOPK or (c.op is Op.LOOP and c.attr("var") in copy_syms)
+            # a loop runs each copy once only if the copy is its variable plus an offset: `i % k`
+            # wraps around when the loop has more than k trips (fuzz seed 400325)
+            once = c.op is Op.ROUTE_TOPK or (c.op is Op.LOOP and c.attr("var") in copy_syms
+                                              and sym(c.attr("var")) not in (as_expr(copy) - sym(c.attr("var"))).free_symbols)
             if not once:
                 return f"`{site}` runs more than once per trip (inside `{c.op.value}`)"
     return None

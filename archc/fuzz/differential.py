@@ -86,14 +86,18 @@ def torch_module(g) -> torch.nn.Module:
     return getattr(mod, gen.class_names[0])()
 
 
-def _load(m: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _load(m: torch.nn.Module, params: dict[str, torch.Tensor], g) -> torch.nn.Module:
+    """Load the reference weights that `g` (possibly optimized) still has: a pass may drop parameters
+    nothing reads any more (-O2's insert-kv-sharing leaves a consumer's K/V projections dead);
+    every parameter `g` has must be given (strict)."""
     from archc.backends.torch import state_key
-    m.load_state_dict({state_key(k): v.detach() for k, v in params.items()}, strict=True)
+    kept = {p.name for p in g.params}
+    m.load_state_dict({state_key(k): v.detach() for k, v in params.items() if k in kept}, strict=True)
     return m.eval()
 
 
 def _torch_backend(g, params, inputs):
-    m = _load(torch_module(g), params)
+    m = _load(torch_module(g), params, g)
     # positionally: an input named like a Python keyword or a generated global (`class`, `torch`)
     # is a legal, renamed parameter of forward (`class_1`), so its .arch name is no keyword
     out = m(*(inputs[a.name] for a in g.inputs))
@@ -428,7 +432,7 @@ def _decode(stage: str, g, params, inputs) -> Verdict:
     types_ = {o.name: o.type for n in g.walk() for o in n.outputs} | {a.name: a.type for a in g.inputs}
     seq = {name: types_[r].rank >= 2 and types_[r].shape[1] == T_sym for name, r in zip(g.output_names, g.body.results)}
     try:
-        m = _load(torch_module(g), params)
+        m = _load(torch_module(g), params, g)
         with torch.no_grad():
             out, cache = m.prefill(tokens[:, :prompt])
             outs = [(prompt, prompt, out)]
