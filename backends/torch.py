@@ -178,8 +178,8 @@ class _Emitter:
         (nested regions included), so `region` drops each name right after its last use, as torch.fx's
         code does. A name held to the end of a loop step keeps its memory from the allocator's reuse:
         the depth-recurrent block ran 12% slower than hand-written code for that alone (bench/results/
-        eager_memory_reuse.md). Region results are read after the region and are never released, nor
-        is a value whose last reader always returns a view of it (the view keeps its memory)."""
+        eager_memory_reuse.md). Region results are read after the region and are never released; a
+        value whose last reader returns a view of it is released with that view (which holds its memory)."""
         keep = set(r.results)
         defined = {o.name for n in r.nodes for o in n.outputs
                    if o.name not in keep and (o.type.rank is None or o.type.rank >= 2)}
@@ -194,11 +194,23 @@ class _Emitter:
                         reads.update(sub.results)
             for x in reads & defined:
                 last[x] = i
-        out: dict[int, list[str]] = {}
+        # a base whose last reader makes a view of it is released with that view (the view holds it)
+        carried: dict[str, list[str]] = {}
         for x, i in last.items():
             n = r.nodes[i]
-            if not (n.op in _VIEWS and n.inputs and n.inputs[0] == x):
-                out.setdefault(i, []).append(x)
+            if n.op in _VIEWS and n.inputs and n.inputs[0] == x and n.outputs[0].name in last:
+                carried.setdefault(n.outputs[0].name, []).append(x)
+        waiting = {x for xs in carried.values() for x in xs}
+        out: dict[int, list[str]] = {}
+        for x, i in last.items():
+            if x in waiting:
+                continue
+            group, todo = [], [x]
+            while todo:
+                y = todo.pop()
+                group.append(y)
+                todo.extend(carried.get(y, ()))
+            out.setdefault(i, []).extend(group)
         return out
 
     def node(self, n: Node, indent: int):
