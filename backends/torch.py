@@ -176,9 +176,8 @@ class _Emitter:
     def releases(self, r: Region) -> dict[int, list[str]]:
         """Activations (rank >= 2) a node of `r` defines, by the index of the node that reads them last
         (nested regions included), so `region` drops each name right after its last use, as torch.fx's
-        code does. A name held to the end of a loop step keeps its memory from the allocator's reuse:
-        the depth-recurrent block ran 12% slower than hand-written code for that alone (bench/results/
-        eager_memory_reuse.md). Region results are read after the region and are never released; a
+        code does. A name held to the end of a loop step keeps its memory from the allocator's reuse
+        (bench/results/eager_memory_reuse.md measures the difference). Region results are read after the region and are never released; a
         value whose last reader returns a view of it is released with that view (which holds its memory)."""
         keep = set(r.results)
         defined = {o.name for n in r.nodes for o in n.outputs

@@ -10,7 +10,8 @@ what to compare: the machine is shared and noisy):
 - onnx: onnxruntime (CPU) vs the generated module in eager mode, where the ONNX backend exists;
 - decode_cache: bytes held by decode caches with and without each caching policy.
 
-Every timing is the median of `repeat` runs after warm-up. Results go to
+Every timing is the median of `repeat` runs after warm-up (9 by default; the eager comparison
+interleaves the generated and the hand-written module's calls). Results go to
 bench/results/suite.{json,md,png} (or `--out`); `--smoke` runs everything once at tiny sizes so
 that none of it rots (tests/test_bench.py runs it: two compile rows, one torch.compile row with
 the `aot_eager` backend).
@@ -88,6 +89,25 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def paired_median_times(fa: Callable[[], object], fb: Callable[[], object], repeat: int,
+                        warmup: int = 1) -> tuple[float, float]:
+    """Medians of `repeat` timed calls of `fa` and of `fb`, interleaved (a b, then b a, ...), so that a
+    drift of the shared machine's speed during the measurement falls on both alike."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeat):
+        order = ((0, fa), (1, fb)) if i % 2 == 0 else ((1, fb), (0, fa))
+        for k, fn in order:
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[k].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def _floats(out) -> list[torch.Tensor]:
     values = out.values() if isinstance(out, dict) else [out]
     return [v for v in values if v.is_floating_point()]
@@ -152,8 +172,7 @@ def bench_eager(cases: list[Case], repeat: int) -> list[dict]:
 
         row = {"model": case.name, "batch": case.batch, "seq": case.seq}
         for label, fn in (("forward", fwd), ("train_step", step)):
-            tg = median_time(lambda fn=fn, m=gen: fn(m), repeat)
-            tr = median_time(lambda fn=fn, m=ref: fn(m), repeat)
+            tg, tr = paired_median_times(lambda fn=fn, m=gen: fn(m), lambda fn=fn, m=ref: fn(m), repeat)
             row[f"{label}_generated_ms"], row[f"{label}_reference_ms"] = 1e3 * tg, 1e3 * tr
             row[f"{label}_ratio"] = tg / tr
         print(f"[bench] {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -307,7 +326,7 @@ def run(smoke: bool = False, out: Path = RESULTS, repeat: int | None = None,
     global DEVICE
     DEVICE = torch.device(device)
     mode = "smoke" if smoke else "full"
-    repeat = repeat or (1 if smoke else 5)
+    repeat = repeat or (1 if smoke else 9)
     cases = SMOKE if smoke else (GPU if DEVICE.type == "cuda" else FULL)
     res = {"environment": environment(mode), "repeat": repeat, "sections": {}}
     steps = {
