@@ -24,7 +24,7 @@ from archc.backends import torch_runtime
 from archc.backends.pyexpr import py_expr
 from archc.errors import ArchError
 from archc.ir.analysis import selects_every_token
-from archc.ir.core import Graph, Node, Param, Region, Value
+from archc.ir.core import Graph, Node, Param, Region, Value, reads_of
 from archc.ir.ops import Op, attend_operands
 from archc.ir.shapes import DType
 
@@ -111,11 +111,7 @@ class _Emitter:
         self.sorted_pos = {n.regions[0].args[1].name for n in g.walk()
                            if n.op is Op.ROUTE_TOPK and n.attr("schedule") != "mask"}
         self.kv_owner: dict[tuple[str, str], str] = {}   # cached step: (k, v) -> the cache key that stores them
-        self.read: set[str] = set(g.body.results)      # every value some node or region reads
-        for n in g.walk():
-            self.read.update(n.inputs)
-            for r in n.regions:
-                self.read.update(r.results)
+        self.read: set[str] = reads_of(g.body.nodes, g.body.results)   # every value some node or region reads
         self.runtime: set[str] = set()
         self.uses_math = False
         # parameters are stored as attributes next to the layers' scopes (`self.steps`, `self.core`)
@@ -184,14 +180,7 @@ class _Emitter:
                    if o.name not in keep and (o.type.rank is None or o.type.rank >= 2)}
         last: dict[str, int] = {}
         for i, n in enumerate(r.nodes):
-            reads = set(n.inputs)
-            for m in (m for q in n.regions for m in q.walk()):
-                reads.update(m.inputs)
-            for q in n.regions:
-                for m in [None, *q.walk()]:
-                    for sub in (q,) if m is None else m.regions:
-                        reads.update(sub.results)
-            for x in reads & defined:
+            for x in reads_of([n]) & defined:
                 last[x] = i
         # a base whose last reader makes a view of it is released with that view (the view holds it)
         carried: dict[str, list[str]] = {}

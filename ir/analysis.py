@@ -4,7 +4,7 @@ from __future__ import annotations
 import networkx as nx
 import sympy
 
-from archc.ir.core import Graph, Node, Region
+from archc.ir.core import Graph, Node, Region, value_types
 from archc.ir.ops import Op
 from archc.ir.shapes import as_expr
 
@@ -84,11 +84,7 @@ def kv_decode_blocker(g: Graph) -> str | None:
         hits = [i for i, d in enumerate(t.shape) if d == T]
         return hits[0] if hits else (-1 if any(d.has(T) for d in t.shape) else None)
 
-    types = {a.name: a.type for a in g.inputs}
-    for n in g.walk():
-        types.update((o.name, o.type) for o in n.outputs)
-        for r in n.regions:
-            types.update((a.name, a.type) for a in r.args)
+    types = value_types(g)
 
     def check(r: Region) -> str | None:
         for n in r.walk():

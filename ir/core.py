@@ -11,7 +11,7 @@ weights (the sharing identity is the name).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace as _dc_replace
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import networkx as nx
 import sympy
@@ -129,6 +129,27 @@ def free_values(r: Region) -> list[str]:
         if name not in defined and name not in seen:
             seen.append(name)
     return seen
+
+
+def value_types(g: Graph | Region) -> dict[str, TensorType]:
+    """The type of every value in the graph or region, nested regions included (names are unique graph-wide)."""
+    r = g.body if isinstance(g, Graph) else g
+    types = {a.name: a.type for a in r.args}
+    for n in r.walk():
+        types.update((o.name, o.type) for o in n.outputs)
+        for sub in n.regions:
+            types.update((a.name, a.type) for a in sub.args)
+    return types
+
+
+def reads_of(nodes: Iterable[Node], results: Iterable[str] = ()) -> set[str]:
+    """Every name these nodes (and their nested regions) read, plus `results`."""
+    out = set(results)
+    for n in nodes:
+        out.update(n.inputs)
+        for r in n.regions:
+            out |= reads_of(r.nodes, r.results)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

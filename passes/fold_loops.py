@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from archc.ir.core import Graph, Node, Region, Value
+from archc.ir.core import Graph, Node, Region, Value, reads_of, value_types
 from archc.ir.ops import Op
 from archc.ir.shapes import TensorType
 from archc.passes.regions import (FreshNames, Match, Renamer, Periods, atom_key, best_run, defined_names, is_atom,
-                                  reads_of, signature, value_types)
+                                  signature)
 from archc.passes.unroll_loops import unroll_pays
 
 LOOP_VAR = "fold"

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import sympy
 
-from archc.ir.core import Graph, Node, Region, Value
+from archc.ir.core import Graph, Node, Region, Value, value_types
 from archc.ir.ops import Op
 from archc.ir.shapes import as_expr, sym
 from archc.passes.dce import dce
-from archc.passes.regions import FreshNames, Renamer, ancestors, splice, value_types
+from archc.passes.regions import FreshNames, Renamer, ancestors, splice
 
 
 def insert_kv_sharing(g: Graph, *, deploy: int = 0) -> Graph:

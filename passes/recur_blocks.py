@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 import sympy
 
 from archc.errors import ArchError, Span
-from archc.ir.core import Graph, Node, Param, Region
+from archc.ir.core import Graph, Node, Param, Region, reads_of, value_types
 from archc.ir.ops import Op
 from archc.ir.shapes import as_expr, sym
-from archc.passes.regions import Match, Periods, atom_key, best_run, defined_names, is_atom, reads_of, value_types
+from archc.passes.regions import Match, Periods, atom_key, best_run, defined_names, is_atom
 
 ORDERS = ("sequence", "cycle")
 _HINT = ("write the layers as `layer blocks[L] = Block(...)` applied by `repeat i in L { x = blocks[i](x) }`, "

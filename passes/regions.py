@@ -1,5 +1,6 @@
 """Structure tools the loop passes share: fresh names, renaming and symbol substitution over
-nested regions, graph-wide value types, and a matcher for "the same computation up to renaming".
+nested regions, and a matcher for "the same computation up to renaming" (graph-wide value types and
+the names nodes read are `archc.ir.core.value_types` / `reads_of`).
 
 Nothing here is a pass; `fold_loops`, `hoist_invariants`, `unroll_loops` and `recur_blocks` are
 built from these pieces (SPEC.md §18), and so are `insert_kv_sharing` and `schedule_depth` (§22).
@@ -81,27 +82,6 @@ class FreshNames:
             name, i = f"{base}{i}", i + 1
         self.symbols.add(name)
         return name
-
-
-def value_types(g: Graph | Region) -> dict[str, TensorType]:
-    """The type of every value in the graph or region, nested regions included (names are unique graph-wide)."""
-    r = g.body if isinstance(g, Graph) else g
-    types = {a.name: a.type for a in r.args}
-    for n in r.walk():
-        types.update((o.name, o.type) for o in n.outputs)
-        for r in n.regions:
-            types.update((a.name, a.type) for a in r.args)
-    return types
-
-
-def reads_of(nodes: Iterable[Node], results: Iterable[str] = ()) -> set[str]:
-    """Every name these nodes (and their nested regions) read, plus `results`."""
-    out = set(results)
-    for n in nodes:
-        out.update(n.inputs)
-        for r in n.regions:
-            out |= reads_of(r.nodes, r.results)
-    return out
 
 
 # -- renaming and substitution ---------------------------------------------------------------------

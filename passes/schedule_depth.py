@@ -24,12 +24,12 @@ import itertools
 import sympy
 
 from archc.errors import ArchError
-from archc.ir.core import Graph, Node, Region, Value
+from archc.ir.core import Graph, Node, Region, Value, value_types
 from archc.ir.cost import node_flops
 from archc.ir.interpret import resolve_bindings
 from archc.ir.ops import Op, attend_operands
 from archc.ir.shapes import BOOL, TensorType, as_expr, replaced, sym
-from archc.passes.regions import FreshNames, ancestors, defined_names, splice, value_types
+from archc.passes.regions import FreshNames, ancestors, defined_names, splice
 from archc.passes.rewrite import map_node_exprs, map_region_exprs
 
 STRATEGIES = ("auto", "compact", "mask")

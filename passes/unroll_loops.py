@@ -22,11 +22,11 @@ from typing import Mapping
 
 import sympy
 
-from archc.ir.core import Graph, Node, Region, Value
+from archc.ir.core import Graph, Node, Region, Value, value_types
 from archc.ir.cost import FLOPS, numel
 from archc.ir.ops import Op
 from archc.ir.shapes import TensorType, sym
-from archc.passes.regions import FreshNames, Renamer, map_loop_bodies, static_int, value_types
+from archc.passes.regions import FreshNames, Renamer, map_loop_bodies, static_int
 
 MAX_UNROLLED_NODES = 64
 LIGHT_FLOPS_PER_ELEMENT = 32

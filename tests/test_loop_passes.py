@@ -311,7 +311,7 @@ def test_unroll_golden_and_its_limits():
 
 def test_unroll_pays_is_the_documented_rule():
     (g,) = parse_ir(TINY_LOOPS)
-    from archc.passes.regions import value_types
+    from archc.ir.core import value_types
     loops = {n.attr("var"): n for n in g.walk() if n.op is Op.LOOP}
     types_ = value_types(g)
     assert unroll_pays(loops["i"].regions[0], 2, types_)            # 3 FLOPs per carried element

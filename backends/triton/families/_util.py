@@ -15,24 +15,6 @@ from typing import Any
 import sympy
 
 from archc.ir.core import Graph, Node
-from archc.ir.shapes import TensorType
-
-
-def value_types(graph: Graph) -> dict[str, TensorType]:
-    """The type of every value in the graph: region arguments and node outputs, nested regions included."""
-    types: dict[str, TensorType] = {a.name: a.type for a in graph.body.args}
-
-    def visit(region):
-        for a in region.args:
-            types[a.name] = a.type
-        for n in region.nodes:
-            for o in n.outputs:
-                types[o.name] = o.type
-            for r in n.regions:
-                visit(r)
-
-    visit(graph.body)
-    return types
 
 
 def producer(graph: Graph, name: str) -> Node | None:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import sympy
 
-from archc.backends.triton.families._util import (config_space, is_zero_fill, kernel_name, render, tuning_source,
-                                                 value_types)
+from archc.backends.triton.families._util import config_space, is_zero_fill, kernel_name, render, tuning_source
 from archc.backends.triton.kernel import KernelSource
-from archc.ir.core import Graph, Node
+from archc.ir.core import Graph, Node, value_types
 from archc.ir.ops import Op, norm_axis
 
 FAMILY = "gated_scan"

@@ -48,9 +48,9 @@ import sympy
 
 from archc.backends.triton import fused as fused_gen
 from archc.backends.triton import torch_text
-from archc.backends.triton.families._util import config_space, kernel_name, value_types
+from archc.backends.triton.families._util import config_space, kernel_name
 from archc.backends.triton.kernel import KernelSource
-from archc.ir.core import Graph, Node
+from archc.ir.core import Graph, Node, value_types
 from archc.ir.ops import ELEMENTWISE_OPS, NORM_OPS, Op, norm_axis
 from archc.ir.shapes import BOOL, F32
 

@@ -19,9 +19,9 @@ Specialisation: weight on/off, among on/off, unique (route) or repeating (gather
 """
 from __future__ import annotations
 
-from archc.backends.triton.families._util import config_space, kernel_name, render, tuning_source, value_types
+from archc.backends.triton.families._util import config_space, kernel_name, render, tuning_source
 from archc.backends.triton.kernel import KernelSource
-from archc.ir.core import Graph, Node
+from archc.ir.core import Graph, Node, value_types
 from archc.ir.ops import Op, norm_axis
 
 FAMILY = "routing"
