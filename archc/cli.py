@@ -258,8 +258,8 @@ def _compile_onnx(file, output, arch, weights, seed, bindings, static, optimize)
 @_pass_options("O0")
 @_diagnostics
 def cost(file, sets, arch, **pass_opts):
-    """Print parameters, FLOPs, activation and KV-cache bytes as formulas and values (of the IR after the passes asked for)."""
-    from archc.ir.cost import cost as cost_of
+    """Print parameters, FLOPs, activation, KV-cache and decode-cache bytes as formulas and values (of the IR after the passes asked for)."""
+    from archc.ir.cost import cost as cost_of, decode_state_bytes
     bindings = _bindings(sets)
     optimize = _optimizer(sys.stdout, **pass_opts)
     for g in [optimize(g) for g in _select(_graphs(file), arch)]:
@@ -268,7 +268,8 @@ def cost(file, sets, arch, **pass_opts):
         if unknown:
             raise ArchError(f"`{g.name}` has no symbol {', '.join(unknown)}; symbols: " + ", ".join(sorted(known)))
         click.echo(f"== {g.name}")
-        click.echo(cost_of(g).table(bindings))
+        state = decode_state_bytes(g)
+        click.echo(cost_of(g).table(bindings, extra={"decode_state_bytes": state} if state is not None else None))
 
 
 @main.command()

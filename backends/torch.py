@@ -26,14 +26,14 @@ from archc.errors import ArchError
 from archc.ir.analysis import selects_every_token
 from archc.ir.core import Graph, Node, Param, Region, Value, reads_of
 from archc.ir.ops import Op, attend_operands
-from archc.ir.shapes import DType
+from archc.ir.shapes import DType, as_expr
 
 _TORCH_DTYPE = {DType.F32: "torch.float32", DType.I64: "torch.long", DType.BOOL: "torch.bool"}
 _MODULE_ATTRS = set(dir(nn.Module)) | set(vars(nn.Module()))     # methods, and `training`, `_modules`, ...
 # parameters become instance attributes (`self.steps`), so nn.Module's own names are taken too
 _RESERVED = (set(keyword.kwlist) | set(dir(builtins)) | _MODULE_ATTRS |
              {"torch", "nn", "F", "math", "self", "dev", "kv", "_param", "_Scope", "_MEMORY_ACTS"} |
-             {"reset_parameters", "prefill", "decode", "_step"} |      # the generated classes' own methods
+             {"reset_parameters", "prefill", "decode", "_step", "generate"} |      # the generated classes' own methods
              set(dir(torch_runtime)))
 
 
@@ -644,29 +644,84 @@ def _route_mask(em: _Emitter, n: Node, indent: int):
 
 
 def _scan(em: _Emitter, n: Node, indent: int):
+    """A loop over `x.split(size)`: the last segment may be short (SPEC §8.5). In the cached step
+    (§17) the scan keeps its carries at the last complete segment and the open segment's inputs
+    in the cache, and runs only the segments the new tokens touch."""
+    from archc.ir.analysis import partial_segment_blocker
     r = n.regions[0]
     ins = [em.v(i) for i in n.inputs]
     x, init = ins[0], ins[1:]
     seg, args = em.v(r.args[0].name), [em.v(a.name) for a in r.args[1:]]
-    size = em.e(n.attr("size"), True)
+    size_expr = as_expr(n.attr("size"))
+    size = em.e(size_expr, True)
     stacked = list(n.attr("stacked", ()))
     nc = len(args)
     outs = [em.v(o.name) for o in n.outputs]
     parts = [em.ns.claim(f"parts:{o}", o + "_parts") for o in outs[nc:]]
-    em.out(f"if {x}.shape[1] % {size}:", indent)
-    em.out(f'raise ValueError(f"sequence length {{{x}.shape[1]}} is not a multiple of the segment length {{{size}}}")',
-           indent + 1)
-    em.assign(args, init, indent)
+    short = size_expr != 1
+    why = partial_segment_blocker(em.g, n) if short else None
+    if why is not None:
+        em.out(f"if {x}.shape[1] % {size}:", indent)
+        msg = f"sequence length {{{x}.shape[1]}} is not a multiple of the segment length {{{size}}}: "
+        em.out(f"raise ValueError({_fstring(msg)} + {json.dumps(why)})", indent + 1)
+    cached = em.cached
+    if cached:
+        key = _site_key(em, n, site="scan:" + n.outputs[-1].name)
+        state = em.ns.claim(f"state:{n.outputs[-1].name}", "state")
+        new = em.ns.claim(f"new:{n.outputs[-1].name}", "n_new")
+        xs = em.ns.claim(f"segments:{n.outputs[-1].name}", "xs")
+        rest = em.ns.claim(f"rest:{n.outputs[-1].name}", "rest")
+        em.out(f"{state} = cache.scan_state({key})", indent)
+        em.out(f"{new} = {x}.shape[1]", indent)
+        em.out(f"if {state} is None:", indent)
+        em.out(f"{xs} = {x}", indent + 1)
+        em.assign(args, init, indent + 1)
+        em.out("else:", indent)
+        carried = f"({', '.join(args)}{',' if len(args) == 1 else ''})" if args else "_"
+        em.out(f"{carried}, {rest} = {state}", indent + 1)
+        em.out(f"{xs} = torch.cat([{rest}, {x}], dim=1)", indent + 1)
+        x = xs
+    else:
+        em.assign(args, init, indent)
     for p in parts:
         em.out(f"{p} = []", indent)
     em.out(f"for {seg} in {x}.split({size}, dim=1):", indent)
+    if cached:
+        kept = em.ns.claim(f"kept:{n.outputs[-1].name}", "kept")
+        em.out(f"{kept} = ({', '.join(args)}{',' if len(args) == 1 else ''})  # the carries before this segment",
+               indent + 1)
+    saved = dict(em.ns.symbols)
+    length = None
+    if short and why is None:
+        # the body measures the segment: its size parameter is this segment's length (short at the end)
+        length = em.ns.claim(f"seglen:{n.outputs[-1].name}", size_expr.name + "_len")
+        em.out(f"{length} = {seg}.shape[1]", indent + 1)
+        em.ns.symbols[size_expr.name] = length
+    at = len(em.lines)
+    em.cached = False                         # the body runs whole segments, as in the forward
     em.region(r, indent + 1)
+    em.cached = cached
+    if length is not None and not any(_mentions(line, length) for line in em.lines[at:]):
+        del em.lines[at - 1]                  # the body never measures its segment
+    em.ns.symbols.clear()
+    em.ns.symbols.update(saved)
     em.assign(args, [em.v(y) for y in r.results[:nc]], indent + 1)
     for p, y in zip(parts, r.results[nc:]):
         em.out(f"{p}.append({em.v(y)})", indent + 1)
+    if cached:
+        done = f"{x}.shape[1] - {x}.shape[1] % {size}"
+        full = f"({', '.join(args)}{',' if len(args) == 1 else ''})"
+        em.out(f"cache.keep_scan_state({key}, {full} if {x}.shape[1] % {size} == 0 else {kept}, "
+               f"{x}[:, {done}:])", indent)
     em.assign_results(list(n.outputs[:nc]), args, indent)
     for o, p, st in zip(outs[nc:], parts, stacked):
-        em.out(f"{o} = torch.{'stack' if st else 'cat'}({p}, dim=1)", indent)
+        tail = f"[:, -{new}:]" if cached else ""
+        em.out(f"{o} = torch.{'stack' if st else 'cat'}({p}, dim=1){tail}", indent)
+
+
+def _fstring(text: str) -> str:
+    """`text` (with {expressions}) as an f-string literal."""
+    return "f" + json.dumps(text)
 
 
 def _fused(em: _Emitter, n: Node, indent: int):
@@ -734,7 +789,25 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
     em.out(f"{em.v(n.out.name)} = {em.cached_attend(n, [key, site, q, k, v, 'positions', window, reads])}", indent)
 
 
-_CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend, Op.KV_READ: lambda em, n, indent: None}
+def _cached_recurrence(em: _Emitter, n: Node, indent: int):
+    """`linear_scan` / `linear_attn` in the cached step: the state after the cached tokens replaces
+    the initial state, and the state after the new ones is kept (O(1) per token)."""
+    ins = [em.v(i) for i in n.inputs]
+    key = _site_key(em, n, site=f"{n.op.value}:{n.outputs[0].name}")
+    init = em.ns.claim(f"state:{n.outputs[0].name}", "state")
+    em.out(f"{init} = cache.recurrent_state({key}, {ins[-1]})", indent)
+    if n.op is Op.LINEAR_SCAN:
+        out = em.v(n.out.name)
+        em.out(f"{out} = {em.rt('linear_scan')}({ins[0]}, {ins[1]}, {init}, 1)", indent)
+        em.out(f"cache.keep_recurrent_state({key}, {out}[:, -1])", indent)
+        return
+    y, new = em.v(n.outputs[0].name), em.v(n.outputs[1].name)
+    em.out(f"{y}, {new} = {em.rt('linear_attn')}({ins[0]}, {ins[1]}, {ins[2]}, {init})", indent)
+    em.out(f"cache.keep_recurrent_state({key}, {new})", indent)
+
+
+_CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend, Op.KV_READ: lambda em, n, indent: None,
+                Op.LINEAR_SCAN: _cached_recurrence, Op.LINEAR_ATTN: _cached_recurrence}
 
 _REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
                 Op.SCAN: _scan, Op.FUSED: _fused, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node,
@@ -950,12 +1023,13 @@ def _mentions(text: str, name: str) -> bool:
 
 
 def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[str]:
-    """prefill/decode for language-model-shaped graphs: K/V-cached when exact, else recompute."""
-    from archc.ir.analysis import kv_decode_blocker, lm_token_input
+    """prefill/decode for language-model-shaped graphs: a cached step (K/V and scan state) when
+    exact, else recompute."""
+    from archc.ir.analysis import decode_blocker, lm_token_input
     tok = lm_token_input(g)
     if tok is None:
         return []
-    blocker = kv_decode_blocker(g)
+    blocker = decode_blocker(g)
     if blocker is not None:
         runtime.add("TokenCache")
         T = tok.type.shape[1]
@@ -1093,6 +1167,25 @@ def _py_literal(v) -> str:
     raise TypeError(f"cannot write {v!r} into generated code")
 
 
+_GENERATE_METHOD = '''
+    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                 attention_mask=None, generator=None):
+        """Sample up to `max_new_tokens` after `prompt` [B, n] through prefill/decode, one token at a time;
+        returns [B, n + n_new]. temperature 0 is greedy; `attention_mask` (1 real, 0 left padding) groups
+        the samples by prompt length and never feeds pads to the model. Call .eval() first. See lm_generate."""
+        return lm_generate(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask,
+                           generator)
+'''
+
+
+def _with_generate(decode: list[str], runtime: set[str]) -> list[str]:
+    """A class with prefill/decode also gets `generate` (its logic: the runtime's `lm_generate`)."""
+    if decode:
+        runtime |= {"lm_generate", "lm_sample", "lm_logits", "sample_next", "next_token_probs"}
+        decode = decode + _GENERATE_METHOD.rstrip().splitlines()
+    return decode
+
+
 def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emitter=_Emitter,
              imports: tuple[str, ...] = (), prelude: tuple[str, ...] = ()) -> GeneratedCode:
     """One standalone module for every architecture in `graphs` (deterministic text).
@@ -1111,7 +1204,7 @@ def generate(graphs: list[Graph], source_file: str = "", doc: str = "", make_emi
         em = make_emitter(g)
         fwd = _forward(g, em)
         cls = (_class(g, em, class_name) + [""] + fwd + _schedule_methods(g, em)
-               + _decode_methods(g, runtime, make_emitter))
+               + _with_generate(_decode_methods(g, runtime, make_emitter), runtime))
         runtime |= em.runtime
         uses_math |= em.uses_math or any("math." in line for line in cls)
         classes.append(cls)

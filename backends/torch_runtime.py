@@ -326,6 +326,7 @@ class KVCache:
         self.steps = {}                            # delimiter -> where each sample's open step starts
         self.windows = {}                          # entry key -> its site's attention window
         self.q_from = 0                            # position of the oldest query kept for a rewrite
+        self.states = {}                           # scan key -> (carries at the last full segment, its open segment)
 
     def policy(self, site, kind):
         p = self.policies.get(site)
@@ -439,9 +440,26 @@ class KVCache:
             e["k_recent"] = new.contiguous()
             del e["k"], e["q_obs"]
 
+    def scan_state(self, key):
+        """A segment scan's state: (carries after the last complete segment, the open segment's inputs)."""
+        return self.states.get(key)
+
+    def keep_scan_state(self, key, carries, rest):
+        self.states[key] = (tuple(carries), rest)
+
+    def recurrent_state(self, key, initial):
+        """A per-step recurrence's state after the tokens so far (`initial` before any)."""
+        st = self.states.get(key)
+        return initial if st is None else st[0][0]
+
+    def keep_recurrent_state(self, key, state):
+        self.states[key] = ((state,), None)
+
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for e in self.entries.values() for name, t in e.items()
-                   if name != "q_obs")
+        kv = sum(t.numel() * t.element_size() for e in self.entries.values() for name, t in e.items()
+                 if name != "q_obs")
+        return kv + sum(t.numel() * t.element_size() for carries, rest in self.states.values()
+                        for t in (*carries, rest) if t is not None)
 
 
 def causal_scores(q, k, qpos, window=0):
@@ -489,3 +507,127 @@ class TokenCache:
 
     def nbytes(self):
         return 0 if self.tokens is None else self.tokens.numel() * self.tokens.element_size()
+
+
+def next_token_probs(logits, temperature: float = 1.0, top_k=None, top_p=None):
+    """The sampling distribution [B, V] of the next token given its logits [B, V] (temperature > 0).
+
+    softmax(logits / temperature) in fp32; `top_k` keeps the k most probable tokens, then `top_p`
+    (nucleus) keeps, of what remains renormalised, the smallest set of most probable tokens whose
+    probability sums to >= top_p (always at least the most probable one); the kept probabilities
+    are renormalised. Of equal probabilities the lower token index ranks first.
+    """
+    if temperature <= 0:
+        raise ValueError(f"next_token_probs needs temperature > 0 (0 is greedy), got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k is None and top_p is None:
+        return probs
+    order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    ranked, idx = order.values, order.indices
+    keep = torch.ones_like(ranked, dtype=torch.bool)
+    if top_k is not None:
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        keep = (torch.arange(ranked.shape[-1], device=ranked.device) < int(top_k)).expand_as(ranked)
+        ranked = ranked * keep
+        ranked = ranked / ranked.sum(-1, keepdim=True)
+    if top_p is not None and top_p < 1:
+        before = ranked.cumsum(-1) - ranked            # the mass of the more probable tokens
+        keep = keep & (before < top_p)
+        keep[..., 0] = True
+    probs = torch.zeros_like(probs).scatter(-1, idx, torch.where(keep, ranked, 0.0))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_next(logits, temperature: float = 1.0, top_k=None, top_p=None, generator=None):
+    """Next token ids [B] from logits [B, V]: argmax at temperature 0 (of equal logits the lowest
+    index), else one draw per row from `next_token_probs` with torch.multinomial(generator=...)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+
+
+def lm_logits(out):
+    """The last position's logits [B, V] of a language model's outputs (a tensor, or the dict entry
+    "logits" of a model with several outputs)."""
+    if isinstance(out, dict):
+        if "logits" not in out:
+            raise ValueError(f"generate samples from an output called `logits`; this model's outputs are "
+                             f"{', '.join(sorted(out))}")
+        out = out["logits"]
+    if out.dim() == 3:
+        return out[:, -1]
+    if out.dim() == 2:
+        return out
+    raise ValueError(f"generate needs logits [B, T, vocab] or [B, vocab], got shape {tuple(out.shape)}")
+
+
+def lm_sample(model, prompt, max_new_tokens: int, temperature, top_k, top_p, eos_token_id, generator):
+    """New tokens [B, n_new] after the unpadded `prompt` [B, n]: one `prefill`, then one `decode` per
+    token; a sample that produced eos_token_id repeats it, and the loop stops when all have."""
+    if max_new_tokens <= 0:
+        return prompt[:, :0]
+    out, cache = model.prefill(prompt)
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    new = []
+    for i in range(max_new_tokens):
+        nxt = sample_next(lm_logits(out), temperature, top_k, top_p, generator).to(prompt.dtype)
+        if eos_token_id is not None:
+            nxt = torch.where(done, eos_token_id, nxt)
+            done = done | (nxt == eos_token_id)
+        new.append(nxt[:, None])
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+            break
+        out, cache = model.decode(nxt[:, None], cache)
+    return torch.cat(new, 1) if new else prompt[:, :0]
+
+
+def lm_generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
+                eos_token_id=None, attention_mask=None, generator=None):
+    """Autoregressive generation through `model.prefill` / `model.decode`; returns LongTensor
+    [B, n_prompt + n_new]: the prompt as given, then the new tokens.
+
+    temperature 0 is greedy (argmax; of equal logits the lowest index); otherwise each token is
+    drawn from softmax(logits / temperature) filtered by top_k, then top_p (`next_token_probs`),
+    with torch.multinomial(generator=generator): a seeded torch.Generator reproduces the output.
+    The logits are the model's output (or its "logits" output) at the last position. A sample that
+    produced `eos_token_id` keeps emitting it; generation stops early once every sample has.
+    Runs under torch.no_grad() in the model's current mode: call `.eval()` first for inference.
+
+    `attention_mask` [B, n_prompt] (1: real token, 0: left padding) allows prompts of different
+    lengths. Pad tokens are never fed to the model (they would enter its recurrent state or cache):
+    the samples are grouped by real prompt length, each group is prefilled and decoded as its own
+    batch on its unpadded prompts (its own cache), groups in order of increasing length, and the
+    rows are reassembled in the input's order and left padding. Each row is what generating it
+    alone gives (up to the batch's floating-point effects); a group that stopped early at
+    eos_token_id is padded with it. Without a mask every position is a real token.
+    """
+    if prompt.dim() != 2:
+        raise ValueError(f"generate needs a prompt of token ids [B, n], got shape {tuple(prompt.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    B, n = prompt.shape
+    max_new_tokens = max(int(max_new_tokens), 0)
+    with torch.no_grad():
+        if attention_mask is None:
+            if n == 0:
+                raise ValueError("generate needs at least one prompt token")
+            return torch.cat([prompt, lm_sample(model, prompt, max_new_tokens, temperature, top_k, top_p,
+                                                eos_token_id, generator)], 1)
+        mask = attention_mask.to(device=prompt.device) != 0
+        if mask.shape != prompt.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; the prompt's is {tuple(prompt.shape)}")
+        lengths = mask.sum(1)
+        if not torch.equal(mask, torch.arange(n, device=mask.device)[None] >= (n - lengths)[:, None]):
+            raise ValueError("attention_mask must be 1 for the real tokens and 0 for left padding only")
+        if B and int(lengths.min()) == 0:
+            raise ValueError("every sample needs at least one real prompt token (attention_mask 1)")
+        out = torch.cat([prompt, prompt.new_full((B, max_new_tokens), 0 if eos_token_id is None else eos_token_id)], 1)
+        width = 0
+        for length in sorted(set(lengths.tolist())):
+            rows = (lengths == length).nonzero()[:, 0]
+            new = lm_sample(model, prompt[rows, n - length:], max_new_tokens, temperature, top_k, top_p,
+                            eos_token_id, generator)
+            out[rows, n:n + new.shape[1]] = new
+            width = max(width, new.shape[1])
+        return out[:, :n + width]

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import sympy
 
-from archc.ir.core import Graph, Node, Policy, Region
+from archc.ir.core import Graph, Node, Policy, Region, value_types
 from archc.ir.ops import OPS, Group, Op
 from archc.ir.shapes import BOOL, F32, I64, DType, TensorType, as_expr, dims_equal, expr_str, sym
 
@@ -64,14 +64,17 @@ class Cost:
             out[q] = float(v)
         return out
 
-    def table(self, bindings: dict[str, float | int] | None = None) -> str:
-        """One row per quantity: its formula and, when `bindings` is given, its value."""
-        rows = [(q, expr_str(getattr(self, q))) for q in QUANTITIES]
+    def table(self, bindings: dict[str, float | int] | None = None,
+              extra: dict[str, sympy.Expr] | None = None) -> str:
+        """One row per quantity (and per `extra` formula, e.g. decode_state_bytes): its formula and,
+        when `bindings` is given, its value."""
+        exprs = {q: getattr(self, q) for q in QUANTITIES} | dict(extra or {})
+        rows = [(q, expr_str(e)) for q, e in exprs.items()]
         width = max(len(q) for q, _ in rows)
         if bindings is None:
             return "\n".join(f"{q:<{width}}  {f}" for q, f in rows) + "\n"
         subs = _bindings(self.defaults, bindings)
-        values = [_value_str(q, _substitute(getattr(self, q), subs)) for q in QUANTITIES]
+        values = [_value_str(q if q in QUANTITIES else "kv_cache_bytes", _substitute(e, subs)) for q, e in exprs.items()]
         vwidth = max(len(v) for v in values)
         return "\n".join(f"{q:<{width}}  {v:>{vwidth}}  = {f}" for (q, f), v in zip(rows, values)) + "\n"
 
@@ -475,3 +478,53 @@ def flops_per_token(g: Graph) -> sympy.Expr:
     if not {"B", "T"} <= dims:
         raise ValueError(f"graph {g.name} has no dims B and T, so FLOPs per token are undefined")
     return tidy(cost(g).flops / (sym("B") * sym("T")))
+
+
+# --- the decode cache ------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"f32": 4, "i64": 8, "bool": 1}
+
+
+def _bytes(t: TensorType) -> sympy.Expr:
+    return numel(t) * _DTYPE_BYTES[t.dtype.value]
+
+
+def decode_state_bytes(g: Graph) -> sympy.Expr | None:
+    """Bytes the generated module's decode cache holds after T tokens (`cache.nbytes()`, SPEC §17);
+    None for a graph that is not a language model.
+
+    Recompute path: the token history (8*B*T). Cached step: the K/V of the attention sites outside
+    segment scans (kv_cache_bytes restricted to them), each scan's carries plus its open segment's
+    inputs (Mod(T, C) positions), each per-step recurrence's state; times the trips of enclosing
+    `repeat`s.
+    """
+    from archc.ir.analysis import decode_blocker, lm_token_input
+    tok = lm_token_input(g)
+    if tok is None:
+        return None
+    B, T = tok.type.shape
+    if decode_blocker(g) is not None:
+        return _with_assumptions(g, 8 * B * T)
+    inside = {n.attr("site") or "" for s in g.walk() if s.op is Op.SCAN     # their K/V are not cached
+              for n in s.regions[0].walk() if n.op is Op.ATTEND}
+    total = cost(g, kv_sites=lambda site: site not in inside).kv_cache_bytes
+    types = value_types(g)
+
+    def walk(r: Region, mult: sympy.Expr) -> sympy.Expr:
+        out = ZERO
+        for n in r.nodes:
+            if n.op is Op.SCAN:
+                nc = len(n.inputs) - 1
+                x = types[n.inputs[0]]
+                per_pos = _bytes(x) / x.shape[1]
+                out += mult * (sum((_bytes(o.type) for o in n.outputs[:nc]), ZERO)
+                               + per_pos * sympy.Mod(T, as_expr(n.attr("size"))))
+                continue
+            if n.op in (Op.LINEAR_SCAN, Op.LINEAR_ATTN):
+                out += mult * _bytes(types[n.inputs[-1]])
+            for sub in n.regions:
+                k = as_expr(n.attr("trips")) if n.op is Op.LOOP else sympy.Integer(1)
+                out += walk(sub, mult * k)
+        return out
+
+    return _with_assumptions(g, total + walk(g.body, sympy.Integer(1)))

@@ -536,21 +536,42 @@ def _route_mask(it, n, ins, vals):
 
 @impl(Op.SCAN)
 def _scan(it, n, ins, vals):
+    """Segments of `size` in order; a length q*size + r runs a last segment of r with the size
+    parameter bound to r inside the body (SPEC §8.5)."""
     x, carries = ins[0], list(ins[1:])
     size = it.env.eval_int(n.attr("size"))
-    if x.shape[1] % size:
-        raise ArchError(f"scan over segments of {size}: the sequence length {x.shape[1]} is not a multiple of it",
-                        n.span, hint=f"pad the input to a multiple of {size}")
     stacked = list(n.attr("stacked", ()))
     nc = len(carries)
     ys: list[list] = [[] for _ in stacked]
+    rest = x.shape[1] % size
+    if rest:
+        from archc.ir.analysis import partial_segment_blocker
+        why = partial_segment_blocker(it.g, n)
+        if why is not None:
+            raise ArchError(f"scan over segments of {size}: the sequence length {x.shape[1]} is not a multiple of "
+                            f"it, and this scan cannot run a short last segment: {why}", n.span,
+                            hint=f"pad the input to a multiple of {size}")
     for seg in x.split(size, dim=1):
-        out = it.run_region(n.regions[0], [seg] + carries, vals)
+        if seg.shape[1] == size:
+            out = it.run_region(n.regions[0], [seg] + carries, vals)
+        else:
+            out = _short_segment(it, n, seg, carries, vals)
         carries = out[:nc]
         for j, y in enumerate(out[nc:]):
             ys[j].append(y)
     results = [torch.stack(y, dim=1) if st else torch.cat(y, dim=1) for y, st in zip(ys, stacked)]
     return carries + results
+
+
+def _short_segment(it, n, seg, carries, vals):
+    """The body on a last segment shorter than the size: the size parameter is its length there."""
+    name = as_expr(n.attr("size")).name
+    saved = it.env.values[name]
+    it.env.values[name] = int(seg.shape[1])
+    try:
+        return it.run_region(n.regions[0], [seg] + carries, vals)
+    finally:
+        it.env.values[name] = saved
 
 
 @impl(Op.FUSED)

@@ -182,6 +182,11 @@ def run_pipeline(g: Graph, names: Iterable[str], *, verify: bool = False, print_
             out.write(f"// ----- IR after {name} ({g.name}) ----- //\n{print_graph(g)}")
         if time_passes:
             rows.append((name, elapsed, before, _nodes(g)))
+    if remarks:
+        from archc.ir.analysis import decode_remarks
+        lines = decode_remarks(g)
+        if lines:
+            out.write(f"// ----- remarks on decoding ({g.name}) ----- //\n" + "".join(f"// {line}\n" for line in lines))
     if time_passes:
         out.write(_timing_table(g.name, rows))
     return g

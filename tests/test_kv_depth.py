@@ -301,4 +301,5 @@ def test_cli_remarks_and_cost_after_passes():
     assert "// saved:" in r.stdout and "route %x.6 (line 13): mask; forced by strategy" in r.stdout
     r = CliRunner().invoke(main, ["cost", str(GOLDEN / "kv_cross.arch"), "-O2", "--set", "T=64", "--set", "B=1"])
     assert r.exit_code == 0, r.output
-    assert "kv_cache_bytes        4.000 KiB  = 8*B*T*d" in r.stdout
+    assert re.search(r"kv_cache_bytes +4\.000 KiB  = 8\*B\*T\*d\n", r.stdout)
+    assert re.search(r"decode_state_bytes +4\.000 KiB  = 8\*B\*T\*d\n", r.stdout)   # the K/V, nothing else

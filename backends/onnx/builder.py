@@ -10,6 +10,7 @@ read from an input's shape, or a Loop's iteration counter.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.INT64: np.int64, TensorProto
          TensorProto.DOUBLE: np.float64}
 I64, F32, F64, BOOL = TensorProto.INT64, TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.BOOL
 INT64_MAX = np.iinfo(np.int64).max
+_UNBOUND = object()
 
 
 class Namer:
@@ -101,6 +103,25 @@ class Exporter:
         if e in (sympy.true, sympy.false):
             return bool(e)
         return int(e) if e.is_Integer else float(e)
+
+    @contextmanager
+    def rebound(self, scope: Scope, name: str, value: str):
+        """Inside `scope` (and the scopes under it), the symbol `name` is the int64 scalar `value`.
+
+        A compile-time symbol stops being substituted while this lasts (expressions that mention it
+        are then emitted in `scope`, where it is bound; caches keyed by substituted expressions are set
+        aside), so everything else keeps its value: a scan's short last segment binds its size symbol
+        to the remainder this way (SPEC §8.5).
+        """
+        saved = self.static.pop(name, _UNBOUND)
+        saved_subst, self._subst = self._subst, {}
+        scope.syms[name] = value
+        try:
+            yield
+        finally:
+            if saved is not _UNBOUND:
+                self.static[name] = saved
+            self._subst = saved_subst
 
     def static_int(self, e, what: str, span=None) -> int:
         v = self.number(e)

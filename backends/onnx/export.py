@@ -119,6 +119,7 @@ class _Model:
         meta = {"archc.arch": self.g.name, "archc.kind": kind, "archc.runtime_parameters": ",".join(self.runtime),
                 "archc.parameters": ", ".join(f"{k}={v}" for k, v in self.values.items())}
         helper.set_model_props(m, meta)
+        notes = tuple(notes) + tuple(dict.fromkeys(self.lw.notes))      # what the lowering had to say, once each
         return Exported(m, kind, tuple(self.runtime), notes)
 
 

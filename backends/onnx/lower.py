@@ -47,6 +47,7 @@ class Lowerer:
         self.exports: list[tuple[str, str, int, int]] = []    # (output name, value, elem, rank) to bubble up
         self.positions: str | None = None   # decode: absolute positions of the new tokens [1, T]
         self.past_length: str | None = None
+        self.notes: list[str] = []          # what a user should know about the graph (Exported.notes)
 
     def _check_share_order(self) -> None:
         """A site reading another's K/V must come after it in program order (else the interpreter fails)."""

@@ -1,5 +1,6 @@
 """Region ops as ONNX control flow: `loop` and `scan` become `Loop` (the body is one copy of the
-region; trip counts may be graph inputs), `halt_loop` a `Loop` whose condition output stops it once
+region; trip counts may be graph inputs; a scan's short last segment is one more copy in an `If`,
+with the size symbol bound to the remainder), `halt_loop` a `Loop` whose condition output stops it once
 every sample has halted, `route_topk` TopK/GatherElements/ScatterElements around the inlined
 region, `route_mask` a `Loop` over the batch with an `If` for samples that select nothing.
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from archc.backends.onnx.builder import BOOL, ELEM, F32, F64, I64, Scope
+from archc.backends.onnx.builder import BOOL, ELEM, F32, F64, I64, INT64_MAX, Scope
 from archc.backends.onnx.lower import (
     Lowerer,
     expand_index,
@@ -22,7 +23,7 @@ from archc.backends.onnx.lower import (
 )
 from archc.ir.core import Node, Region
 from archc.ir.ops import Op
-from archc.ir.shapes import dims_equal
+from archc.ir.shapes import as_expr, dims_equal
 
 from archc.errors import ArchError
 
@@ -361,28 +362,151 @@ def _fused(lw, sc, n, ins):
 
 @rule(Op.SCAN)
 def _scan(lw, sc, n, ins):
-    """Segments of `size` along axis 1: a Loop over x viewed as [B, T/size, size, ...]."""
+    """Segments of `size` along axis 1 (SPEC §8.5): a Loop over the q = floor(T/size) whole segments
+    (x[:, :q*size] viewed as [B, q, size, ...]), then, when T leaves a remainder r, an If that runs
+    the body once more on x[:, q*size:] with the size symbol bound to r inside it (as the
+    interpreter's `_short_segment`); its yields are appended to the whole segments' ones.
+
+    A scan that cannot run a short segment (`partial_segment_blocker`) views the whole input as
+    [B, T/size, size, ...]: a length that is not a multiple fails in that Reshape, whose name says so.
+    """
+    from archc.ir.analysis import partial_segment_blocker
     e = sc.ex
+    hint = e.hint
     r = n.regions[0]
     x, init = ins[0], ins[1:]
-    size = sc.int_expr(n.attr("size"))
-    # a length that is not a multiple of `size` fails in this Reshape (onnxruntime reports it)
-    shape = sc.op("Concat", e.i64([0, -1]), sc.op("Unsqueeze", size, e.i64([0])), sc.shape_of(x, 2), axis=0)
-    segs = sc.op("Reshape", x, shape, name="segments")
+    size_e = as_expr(n.attr("size"))
+    size = sc.int_expr(size_e)
+    blocked = "its segment length is 1" if e.number(size_e) == 1 else partial_segment_blocker(lw.g, n)
+    if blocked is None:
+        q = sc.op("Div", sc.dim(x, 1), size, name="whole_segments")
+        stop = sc.op("Unsqueeze", sc.op("Mul", q, size), e.i64([0]), name="whole_length")
+        x_whole = sc.op("Slice", x, e.i64([0]), stop, e.i64([1]), name="whole")
+        shape = sc.op("Concat", e.i64([0]), sc.op("Unsqueeze", q, e.i64([0])), sc.op("Unsqueeze", size, e.i64([0])),
+                      sc.shape_of(x, 2), axis=0)
+        segs = sc.op("Reshape", x_whole, shape, name="segments")
+    else:
+        if e.number(size_e) != 1:
+            lw.notes.append(_multiple_note(e, size_e, blocked))
+        # a length that is not a multiple of `size` fails in this Reshape (onnxruntime names the node)
+        shape = sc.op("Concat", e.i64([0, -1]), sc.op("Unsqueeze", size, e.i64([0])), sc.shape_of(x, 2), axis=0)
+        segs = sc.op("Reshape", x, shape, name=_multiple_name(e, size_e))
+        q = sc.dim(segs, 1)
     lb = LoopBody(lw, sc, r, None)
     seg = lb.body.op("Gather", segs, lb.it, axis=1, name=r.args[0].name)
     carries = [lb.carry(v, _elem(lw, a.name), a.type.rank, a.name) for v, a in zip(init, r.args[1:])]
     results = lb.run([seg] + carries)
+    e.hint = hint                                   # name the Loop and what follows after the scan
     nc = len(carries)
-    stacked = list(n.attr("stacked", ()))
-    ys = [(v, _elem(lw, name), lw.rank(name)) for v, name in zip(results[nc:], r.results[nc:])]
-    carried, per_seg = lb.finish(sc.dim(segs, 1), results[:nc], ys)
-    outs = []
-    for v, (_, _, rank), st in zip(per_seg, ys, stacked):
-        moved = sc.op("Transpose", v, perm=[1, 0] + list(range(2, rank + 1)))      # [B, n_segments, ...]
-        if not st:                                                                  # [B, n_segments * size, ...]
-            moved = sc.op("Reshape", moved, sc.op("Concat", e.i64([0, -1]), sc.shape_of(moved, 3), axis=0))
-        outs.append(moved)
-    return carried + outs
+    stacked = [bool(st) for st in n.attr("stacked", ())]
+    ys = [(_elem(lw, name), lw.rank(name)) for name in r.results[nc:]]
+    carried, per_seg = lb.finish(q, results[:nc], [(v, elem, rank) for v, (elem, rank) in zip(results[nc:], ys)])
+    if blocked is not None:
+        return carried + [_joined(sc, v, rank, st) for v, (_, rank), st in zip(per_seg, ys, stacked)]
+    return _short_segment(lw, sc, n, x, q, size, size_e, carried, per_seg, ys, stacked)
 
 
+def _joined(sc: Scope, per_seg: str, rank: int, stacked: bool) -> str:
+    """A Loop's per-segment yields [n, B, ...] as the scan's result: [B, n, ...] stacked, or
+    [B, n * size, ...] concatenated (n >= 1: a Loop that ran no iteration has no shape to go by)."""
+    moved = sc.op("Transpose", per_seg, perm=[1, 0] + list(range(2, rank + 1)))      # [B, n_segments, ...]
+    if not stacked:                                                                 # [B, n_segments * size, ...]
+        moved = sc.op("Reshape", moved, sc.op("Concat", sc.ex.i64([0, -1]), sc.shape_of(moved, 3), axis=0))
+    return moved
+
+
+def _short_segment(lw: Lowerer, sc: Scope, n: Node, x: str, q: str, size: str, size_e, carried: list[str],
+                   per_seg: list[str], ys: list[tuple[int, int]], stacked: list[bool]) -> list[str]:
+    """If T mod size > 0: the body on x[:, q*size:] with the size symbol bound to the remainder, its
+    carries the scan's, its yields appended (after the whole segments' when q > 0); else the Loop's."""
+    e = sc.ex
+    hint = e.hint
+    r = n.regions[0]
+    start = sc.op("Mul", q, size, name="whole_length")
+    rest = sc.op("Sub", sc.dim(x, 1), start, name="short_length")
+    keys = state_keys(lw, r)
+    _ensure_state(lw, sc, keys)
+    state0 = {k: list(lw.state[k]) for k in keys}
+    exports0 = list(lw.exports)
+    carry_types = [(_elem(lw, a.name), a.type.rank) for a in r.args[1:]]
+    out_ranks = [rank + 1 if st else rank for (_, rank), st in zip(ys, stacked)]
+
+    whole = sc.child()                                # no remainder: the whole segments' results
+    for v, (elem, rank) in zip(carried, carry_types):
+        whole.add_output(v, elem, rank)
+    thread_out(lw, whole, keys)
+    for v, (elem, rank), st, out_rank in zip(per_seg, ys, stacked, out_ranks):
+        whole.add_output(_joined(whole, v, rank, st), elem, out_rank)
+
+    last = sc.child()
+    try:
+        with e.rebound(last, as_expr(size_e).name, rest):
+            tail = last.op("Slice", x, last.op("Unsqueeze", start, e.i64([0])), e.i64([INT64_MAX]), e.i64([1]),
+                           name=r.args[0].name)
+            results = lw.region(last, r, [tail] + carried)
+        if len(lw.exports) != len(exports0):
+            raise ArchError("the decode graph cannot cache attention inside a scan's short last segment", n.span)
+    except ArchError as err:
+        e.hint = hint
+        # the body needs the segment length at export time: a length that is not a multiple fails at run time
+        lw.state.update(state0)
+        lw.exports[:] = exports0
+        lw.notes.append(_multiple_note(e, size_e, f"its body needs the segment length at export time: {err.message}"))
+        state = [(v, elem, rank, seq) for k in keys for v, (elem, rank, seq) in zip(lw.state[k], STATE_TYPES[k[0]])]
+        last = _failing_branch(sc, x, size, size_e,
+                               [(v, elem, rank, False) for v, (elem, rank) in zip(carried, carry_types)] + state
+                               + [(None, elem, out_rank, False) for (elem, _), out_rank in zip(ys, out_ranks)])
+    else:
+        e.hint = hint
+        nc = len(carried)
+        for v, (elem, rank) in zip(results[:nc], carry_types):
+            last.add_output(v, elem, rank)
+        thread_out(lw, last, keys)
+        if ys:
+            pieces = [y if not st else last.op("Unsqueeze", y, e.i64([1]))
+                      for y, st in zip(results[nc:], stacked)]
+            before = last.child()                     # q > 0: the whole segments' yields come first
+            alone = last.child()
+            for piece, v, (elem, rank), st, out_rank in zip(pieces, per_seg, ys, stacked, out_ranks):
+                before.add_output(before.op("Concat", _joined(before, v, rank, st), piece, axis=1), elem, out_rank)
+                alone.add_output(piece, elem, out_rank)
+            joined = last.ops("If", last.op("Greater", q, e.i64(0)), outputs=len(pieces),
+                              then_branch=before.graph("scan_whole_and_short"),
+                              else_branch=alone.graph("scan_short_only"))
+            for v, elem, out_rank in zip(joined, (elem for elem, _ in ys), out_ranks):
+                last.add_output(v, elem, out_rank)
+    n_state = sum(len(STATE_TYPES[k[0]]) for k in keys)
+    outs = sc.ops("If", sc.op("Greater", rest, e.i64(0)), outputs=len(carried) + n_state + len(ys),
+                  then_branch=last.graph("scan_short_segment"), else_branch=whole.graph("scan_whole_segments"))
+    thread_after(lw, keys, outs[len(carried):len(carried) + n_state])
+    return outs[:len(carried)] + outs[len(carried) + n_state:]
+
+
+def _multiple_name(ex, size_e) -> str:
+    v = ex.number(size_e)
+    return f"scan_length_must_be_a_multiple_of_{v if v is not None else size_e}"
+
+
+def _multiple_note(ex, size_e, why: str) -> str:
+    v = ex.number(size_e)
+    what = f"{size_e} = {v}" if v is not None and str(size_e) != str(v) else str(size_e)
+    return (f"the scan over segments of {what} runs whole segments only ({why}): feed a length that is a multiple "
+            f"of it; other lengths fail in onnxruntime, in the Reshape `{_multiple_name(ex, size_e)}`")
+
+
+def _failing_branch(sc: Scope, x: str, size: str, size_e, outputs: list[tuple[str | None, int, int, bool]]) -> Scope:
+    """An If branch that fails in a Reshape named after the scan's requirement; its outputs (value or
+    None, element type, rank, is a sequence) only give the branch its types."""
+    e = sc.ex
+    br = sc.child()
+    shape = br.op("Concat", e.i64([0, -1]), br.op("Unsqueeze", size, e.i64([0])), br.shape_of(x, 2), axis=0)
+    bad = br.op("Reshape", x, shape, name=_multiple_name(e, size_e))
+    never = br.op("Less", br.op("Size", bad), e.i64(0))          # every output depends on the failing Reshape
+    for value, elem, rank, seq in outputs:
+        if seq:
+            br.add_output(value, elem, rank, seq=True)
+            continue
+        if value is None:
+            value = br.op("ConstantOfShape", e.i64([0] * rank), value=_scalar_tensor(elem, 0))
+        br.add_output(br.op("Where", never, value, value), elem, rank)
+    return br
