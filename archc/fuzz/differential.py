@@ -423,11 +423,15 @@ def _decode(stage: str, g, params, inputs) -> Verdict:
             return Verdict(OK)       # lossy by design
     from archc.ir.interpret import Env, resolve_bindings
     env = Env(resolve_bindings(g))
-    sizes = [env.eval_int(n.attr("size")) for n in g.walk() if n.op is Op.SCAN]
-    step = math.lcm(*sizes) if sizes else 1
+    from archc.ir.analysis import partial_segment_blocker
+    scans = [n for n in g.walk() if n.op is Op.SCAN]
     tokens = inputs[tok.name]
     T = tokens.shape[1]
-    prompt = step * max(1, (T // step) // 2)
+    if all(partial_segment_blocker(g, n) is None for n in scans):
+        step, prompt = 1, max(1, T // 2 - 1)     # off every segment boundary, then token by token (SPEC §8.5)
+    else:
+        step = math.lcm(*(env.eval_int(n.attr("size")) for n in scans))
+        prompt = step * max(1, (T // step) // 2)
     T_sym = tok.type.shape[1]
     types_ = {o.name: o.type for n in g.walk() for o in n.outputs} | {a.name: a.type for a in g.inputs}
     seq = {name: types_[r].rank >= 2 and types_[r].shape[1] == T_sym for name, r in zip(g.output_names, g.body.results)}
