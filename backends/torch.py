@@ -737,9 +737,55 @@ def _fused(em: _Emitter, n: Node, indent: int):
 # -- the K/V-cached incremental step (prefill and decode) --------------------------------------------
 
 
+def _offset(em: _Emitter, name: str):
+    """P for a value whose axis 1 is the sequence behind a sequence-free prefix of P positions."""
+    from archc.ir.analysis import lm_token_input, seq_offset
+    t = em.types.get(name)
+    p = seq_offset(t, lm_token_input(em.g).type.shape[1]) if t is not None else None
+    return p if p not in (None, 0) else None
+
+
+def _positions(em: _Emitter, name: str, indent: int) -> str:
+    """The positions of `name`'s sequence axis: `positions`, or, behind a prefix of P, the prefix's
+    0..P-1 and the tokens' from P on (the prefix runs on the first call only)."""
+    p = _offset(em, name)
+    if p is None:
+        return "positions"
+    pos = em.ns.claim(f"ppos:{name}", "positions_p")
+    x = em.v(name)
+    em.out(f"{pos} = positions + {em.e(p, True)} if cache.length else "
+           f"torch.arange({x}.shape[1], device={x}.device)[None].expand({x}.shape[0], -1)", indent)
+    return pos
+
+
 def _cached_rope(em: _Emitter, n: Node, indent: int):
-    ins = [em.v(i) for i in n.inputs] + ["positions"]
-    em.out(f"{em.v(n.out.name)} = {em.rt('rope')}({ins[0]}, {float(n.attr('base'))!r}, positions)", indent)
+    pos = _positions(em, n.inputs[0], indent)
+    em.out(f"{em.v(n.out.name)} = {em.rt('rope')}({em.v(n.inputs[0])}, {float(n.attr('base'))!r}, {pos})", indent)
+
+
+def _cached_concat(em: _Emitter, n: Node, indent: int):
+    """A sequence-free prefix before the sequence: on the first call only (its K/V stay cached)."""
+    if _offset(em, n.out.name) is None:
+        _uncached(em, n, indent)
+        return
+    a, b = (em.v(i) for i in n.inputs)
+    em.out(f"{em.v(n.out.name)} = torch.cat([{a}, {b}], dim=1) if cache.length == 0 else {b}", indent)
+
+
+def _cached_slice(em: _Emitter, n: Node, indent: int):
+    """Dropping the prefix again: only the first call's value has it."""
+    if _offset(em, n.inputs[0]) is None or n.attr("axis") != 1:
+        _uncached(em, n, indent)
+        return
+    expr = EMIT[Op.SLICE](em, n, [em.v(i) for i in n.inputs])
+    em.out(f"{em.v(n.out.name)} = {expr} if cache.length == 0 else {em.v(n.inputs[0])}", indent)
+
+
+def _uncached(em: _Emitter, n: Node, indent: int):
+    """`n` as the forward emits it."""
+    em.cached = False
+    em.node(n, indent)
+    em.cached = True
 
 
 def _site_key(em: _Emitter, n: Node, skip_var: str | None = None, site: str | None = None, loops: bool = True) -> str:
@@ -786,6 +832,11 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
     elif share:
         src = share.split(":")[-1]
         reads = json.dumps(src)                            # cross-layer: read the producer's entry
+    if n.attr("prefix"):          # keys behind a sequence-free prefix (TitansMAG/MAL's persistent tokens)
+        pos = _positions(em, n.inputs[0], indent)
+        em.out(f"{em.v(n.out.name)} = cache.attend({key}, {site}, {q}, {k}, {v}, {pos}, {window}, reads={reads}, "
+               f"prefix={em.e(n.attr('prefix'), True)})", indent)
+        return
     em.out(f"{em.v(n.out.name)} = {em.cached_attend(n, [key, site, q, k, v, 'positions', window, reads])}", indent)
 
 
@@ -807,7 +858,8 @@ def _cached_recurrence(em: _Emitter, n: Node, indent: int):
 
 
 _CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend, Op.KV_READ: lambda em, n, indent: None,
-                Op.LINEAR_SCAN: _cached_recurrence, Op.LINEAR_ATTN: _cached_recurrence}
+                Op.LINEAR_SCAN: _cached_recurrence, Op.LINEAR_ATTN: _cached_recurrence,
+                Op.CONCAT: _cached_concat, Op.SLICE: _cached_slice}
 
 _REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
                 Op.SCAN: _scan, Op.FUSED: _fused, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node,
@@ -1029,7 +1081,7 @@ def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[
     tok = lm_token_input(g)
     if tok is None:
         return []
-    blocker = decode_blocker(g)
+    blocker = decode_blocker(g, prefix=True)
     if blocker is not None:
         runtime.add("TokenCache")
         T = tok.type.shape[1]

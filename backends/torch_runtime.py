@@ -337,14 +337,15 @@ class KVCache:
         """The attention site of an entry key: "layers.attn[1]@r=0" -> "layers.attn"."""
         return key.split("#")[0].split("[")[0].split("@")[0]
 
-    def attend(self, key, site, q, k, v, qpos, window=0, reads=None):
-        """Append k/v under `key` (or read the entry `reads`) and attend with queries q at qpos."""
+    def attend(self, key, site, q, k, v, qpos, window=0, reads=None, prefix=0):
+        """Append k/v under `key` (or read the entry `reads`) and attend with queries q at qpos; the
+        first `prefix` entries (a sequence-free prefix) are visible to every query."""
         e = self.store(key, site, q, k, v, reads, window)
         keys = self._keys(e)
         top = self.policy(site, "topk_decode")
         if top is not None and self.prefilled:
             return topk_attention(q, keys, e["v"], int(top["k"]), int(top["dense_heads"]), qpos, window)
-        return attention(q, keys, e["v"], causal=True, window=window, qpos=qpos)
+        return attention(q, keys, e["v"], causal=True, window=window, prefix=prefix, qpos=qpos)
 
     def store(self, key, site, q, k, v, reads=None, window=0):
         """Append k/v under `key` (or look up the entry `reads`); returns the entry's tensors."""

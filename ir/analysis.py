@@ -4,9 +4,9 @@ from __future__ import annotations
 import networkx as nx
 import sympy
 
-from archc.ir.core import Graph, Node, Region, reads_of, value_types
-from archc.ir.ops import Op
-from archc.ir.shapes import as_expr
+from archc.ir.core import Graph, Node, Region, free_values, reads_of, value_types
+from archc.ir.ops import OPS, Group, Op
+from archc.ir.shapes import as_expr, dims_equal
 
 
 def dependency_graph(r: Region) -> nx.MultiDiGraph:
@@ -78,14 +78,16 @@ def kv_decode_blocker(g: Graph) -> str | None:
     return decode_blocker(g, state=False)
 
 
-def decode_blocker(g: Graph, state: bool = True) -> str | None:
+def decode_blocker(g: Graph, state: bool = True, prefix: bool = False) -> str | None:
     """Why `g` has no exact incremental step (None when it has one), SPEC §17.
 
     The step runs the new tokens only: every op must act position by position along the sequence
     axis, except causal self-attention (its past K/V are cached) and, with `state`, segment scans
     whose body reads the sequence only through its segment (the cache keeps the carries at the last
     complete segment and the open segment's inputs; the body runs on whole segments as in the
-    forward, so anything may happen inside it).
+    forward, so anything may happen inside it). With `prefix`, a sequence-free prefix concatenated
+    before the sequence (`concat([persistent, h], axis = 1)`: axis 1 is T + P), attended with
+    `prefix = P` and sliced off again, is allowed: the step adds the prefix on its first call only.
     """
     tok = lm_token_input(g)
     if tok is None:
@@ -93,10 +95,33 @@ def decode_blocker(g: Graph, state: bool = True) -> str | None:
     T = tok.type.shape[1]
 
     def seq_axis(t) -> int | None:
+        if prefix and seq_offset(t, T) is not None:
+            return 1
         hits = [i for i, d in enumerate(t.shape) if d == T]
         return hits[0] if hits else (-1 if any(d.has(T) for d in t.shape) else None)
 
     types = value_types(g)
+
+    def offset(name: str):
+        return seq_offset(types[name], T)
+
+    def prefixed(n: Node) -> str | None:
+        """None when `n` is an allowed piece of the prefix pattern; else why not (only for the ops
+        the pattern involves)."""
+        out = offset(n.out.name)
+        if n.op is Op.CONCAT:
+            if n.attr("axis") != 1 or len(n.inputs) != 2 or out in (None, 0):
+                return "reduces or indexes along the sequence"
+            a, b = (types[i] for i in n.inputs)
+            if a.rank < 2 or as_expr(a.shape[1]).has(T) or offset(n.inputs[1]) != 0 or not dims_equal(a.shape[1], out):
+                return "concatenates along the sequence other than a prefix before it"
+            return None
+        if n.op is Op.SLICE:
+            src = offset(n.inputs[0])
+            if n.attr("axis") != 1 or src in (None, 0) or out != 0 or not dims_equal(n.attr("start"), src):
+                return "reduces or indexes along the sequence"
+            return None
+        return "is not plain causal self-attention"      # ATTEND
 
     def check_node(n: Node) -> str | None:
         what = f"`{n.op.value}`" + (f" at line {n.span.line}" if n.span else "")
@@ -119,13 +144,26 @@ def decode_blocker(g: Graph, state: bool = True) -> str | None:
         if (n.op in (Op.EINSUM, Op.MATMUL) and any(seq_axis(types[i]) is not None for i in n.inputs if i in types)
                 and all(seq_axis(o.type) is None for o in n.outputs)):
             return f"{what} contracts along the sequence"
+        if prefix and n.op in (Op.CONCAT, Op.SLICE) and n.attr("axis") == 1 and (
+                offset(n.out.name) not in (None, 0) or any(offset(i) not in (None, 0) for i in n.inputs)):
+            why = prefixed(n)
+            return None if why is None else f"{what} {why}"
         if n.op in _SEQ_MIXING_REDUCE and n.attr("axis") == 1:
             return f"{what} reduces or indexes along the sequence"
-        if n.op is Op.ATTEND and (not n.attr("causal") or n.attr("has_mask") or n.attr("prefix")):
-            return f"{what} is not plain causal self-attention"
+        if n.op is Op.ATTEND:
+            p = n.attr("prefix")
+            plain = n.attr("causal") and not n.attr("has_mask")
+            if p and prefix and plain and all(dims_equal(offset(i) or 0, p) for i in n.inputs[:3]):
+                return None                  # the prefix keys are cached once, visible to every query
+            if not plain or p:
+                return f"{what} is not plain causal self-attention"
         return None
 
     def check(r: Region) -> str | None:
+        if r is g.body and state:
+            why = stale_cache_blocker(g)
+            if why is not None:
+                return why
         for n in r.nodes:
             why = check_node(n)
             if why is not None:
@@ -139,6 +177,18 @@ def decode_blocker(g: Graph, state: bool = True) -> str | None:
         return None
 
     return check(g.body)
+
+
+def seq_offset(t, T) -> sympy.Expr | None:
+    """P when axis 1 of `t` is the sequence behind a sequence-free prefix of P positions (T + P;
+    0 for the plain sequence); None otherwise."""
+    if t.rank is None or t.rank < 2:
+        return None
+    d = as_expr(t.shape[1])
+    if not d.has(T):
+        return None
+    p = sympy.simplify(d - T)
+    return None if p.has(T) else p
 
 
 def _recurrence_state_blocker(n: Node, T, types, seq_axis) -> str | None:
@@ -241,3 +291,140 @@ def _outside_scans(r: Region):
         if n.op is not Op.SCAN:
             for sub in n.regions:
                 yield from _outside_scans(sub)
+
+
+# -- which values a decode step may cache -------------------------------------------------------------
+
+_FREE, _POS, _MIXED = 0, 1, 2          # sequence-free; position by position (or causal); mixing positions
+_POSITIONWISE_MOVES = {Op.SPLIT_HEADS, Op.MERGE_HEADS}
+
+
+def segment_causal_blocker(n: Node) -> str | None:
+    """Why a scan's concatenated yields at segment position i may depend on positions after i
+    (None when they provably do not).
+
+    Then the yields of an open (short) segment change as its later tokens arrive: the forward over
+    a longer prefix gives its earlier positions other values, so nothing a decode step caches (K/V,
+    another scan's open segment, a recurrence's state) may be computed from them. Conservative: an
+    op not known to act position by position along the segment mixes positions.
+    """
+    r = n.regions[0]
+    seg = r.args[0].type.shape[1]
+    tag = {r.args[0].name: _POS} | {a.name: _FREE for a in r.args[1:]}
+
+    def aligned(name: str) -> bool:
+        t = value_types_cache.get(name)
+        return t is not None and t.rank is not None and t.rank >= 2 and dims_equal(t.shape[1], seg) is True
+
+    value_types_cache = {a.name: a.type for a in r.args}
+    for m in r.walk():
+        value_types_cache.update((o.name, o.type) for o in m.outputs)
+        for sub in m.regions:
+            value_types_cache.update((a.name, a.type) for a in sub.args)
+    for m in r.nodes:
+        reads = list(m.inputs) + [x for sub in m.regions for x in free_values(sub)]
+        level = max((tag.get(x, _FREE) for x in reads), default=_FREE)
+        out = _MIXED if level else _FREE
+        group = OPS[m.op].group if m.op in OPS else None
+        if level == _FREE or m.op in (Op.PARAM, Op.CONST):
+            out = _FREE
+        elif m.regions:
+            out = _MIXED
+        elif group in (Group.UNARY, Group.BINARY, Group.COMPARE, Group.NORM) or m.op in (Op.LINEAR, Op.ROPE,
+                                                                                      Op.EMBEDDING):
+            out = level
+        elif m.op in _POSITIONWISE_MOVES:
+            out = level
+        elif group is Group.REDUCE and m.attr("axis") not in (None, 0, 1) and all(aligned(o.name) for o in m.outputs):
+            out = level
+        elif m.op in (Op.UNSQUEEZE, Op.SELECT, Op.SLICE, Op.CONCAT) and m.attr("axis") not in (0, 1) \
+                and all(aligned(o.name) for o in m.outputs):
+            out = level
+        elif m.op is Op.ATTEND and m.attr("causal") and not m.attr("has_mask") and not m.attr("prefix"):
+            out = level
+        elif m.op is Op.LINEAR_SCAN and as_expr(m.attr("axis")) == 1 and tag.get(m.inputs[2], _FREE) != _MIXED:
+            out = max(level, _POS)                   # h_t reads steps <= t
+        elif m.op is Op.LINEAR_ATTN and tag.get(m.inputs[3], _FREE) != _MIXED:
+            tag[m.outputs[0].name] = max(level, _POS)   # y_t = (S + sum_{s<=t} v_s k_s^T) q_t; S' sums them all
+            tag[m.outputs[1].name] = _MIXED
+            continue
+        elif m.op is Op.MEM_READ:
+            out = max(tag.get(m.inputs[0], _FREE), max((_MIXED if tag.get(w, _FREE) else _FREE)
+                                                       for w in m.inputs[1:]))
+        for o in m.outputs:
+            tag[o.name] = out
+        if out == _MIXED and m.outputs and all(tag.get(x, _FREE) != _MIXED for x in reads):
+            first = m                                # the first op that mixes positions
+            tag.setdefault("__first__", first)       # type: ignore[arg-type]
+    nc = len(n.inputs) - 1
+    for y, st in zip(r.results[nc:], n.attr("stacked", ())):
+        if not st and tag.get(y, _FREE) == _MIXED:
+            m = tag.get("__first__")
+            where = f"`{m.op.value}`" + (f" at line {m.span.line}" if m.span else "") if isinstance(m, Node) else "its body"
+            return f"its yields mix positions of their segment ({where})"
+    return None
+
+
+def stale_cache_blocker(g: Graph) -> str | None:
+    """Why a decode step would cache a value that changes with later tokens (None: it never does).
+
+    The values computed from a scan whose yields mix positions of their segment
+    (`segment_causal_blocker`) are final only once their segment is complete; a step caches K/V,
+    open-segment inputs and recurrence states as soon as a position arrives. So such values may
+    reach outputs, but no attention's K/V, no other scan's input and no per-step recurrence.
+    """
+    tainted: set[str] = set()
+    blame: dict[str, Node] = {}
+
+    def run(r: Region) -> str | None:
+        for n in r.nodes:
+            reads = list(n.inputs) + [x for sub in n.regions for x in free_values(sub)]
+            hit = next((x for x in reads if x in tainted), None)
+            what = f"`{n.op.value}`" + (f" at line {n.span.line}" if n.span else "")
+            if n.op is Op.SCAN:
+                if n.inputs[0] in tainted:
+                    return _stale(what, "reads as its segments", blame[n.inputs[0]])
+                if hit is not None or segment_causal_blocker(n) is not None:
+                    for o in n.outputs:
+                        tainted.add(o.name)
+                        blame[o.name] = blame.get(hit, n) if hit else n
+                continue
+            if n.op is Op.ATTEND and any(x in tainted for x in n.inputs[1:3]):
+                return _stale(what, "caches as K/V", blame[next(x for x in n.inputs[1:3] if x in tainted)])
+            if n.op in (Op.LINEAR_SCAN, Op.LINEAR_ATTN) and hit is not None:
+                return _stale(what, "folds into its state", blame[hit])
+            if n.op in (Op.LOOP, Op.HALT_LOOP, Op.ROUTE_TOPK, Op.ROUTE_MASK, Op.FUSED):
+                body = n.regions[0]
+                for _ in range(len(body.args) + 2):                  # loop carries: to a fixed point
+                    before = len(tainted)
+                    for a, x in zip(body.args, n.inputs):
+                        if x in tainted:
+                            tainted.add(a.name)
+                            blame[a.name] = blame[x]
+                    why = run(body)
+                    if why is not None:
+                        return why
+                    for a, y in zip(body.args, body.results):
+                        if y in tainted and n.op in (Op.LOOP, Op.HALT_LOOP):
+                            tainted.add(a.name)
+                            blame[a.name] = blame[y]
+                    if len(tainted) == before:
+                        break
+                for o, y in zip(n.outputs, body.results):
+                    if y in tainted or hit is not None:
+                        tainted.add(o.name)
+                        blame[o.name] = blame.get(y) or blame[hit]
+                continue
+            if hit is not None:
+                for o in n.outputs:
+                    tainted.add(o.name)
+                    blame[o.name] = blame[hit]
+        return None
+
+    return run(g.body)
+
+
+def _stale(what: str, how: str, scan: Node) -> str:
+    at = f" at line {scan.span.line}" if scan.span else ""
+    return (f"{what} {how} values computed from the `scan`{at}, whose outputs change as later tokens of "
+            f"their segment arrive")

@@ -201,3 +201,74 @@ def test_cost_decode_state_bytes_is_what_the_cache_holds(name, arch):
             _, cache = m.decode(tokens[:, -1:], cache)
         subs = {sympy.Symbol(k): v for k, v in resolve_bindings(g).items()} | {sympy.Symbol("B"): 2, sympy.Symbol("T"): T}
         assert cache.nbytes() == int(e.subs(subs)), (arch, T, e)
+
+
+PERSISTENT = """
+arch Persistent(vocab: int = 32, d: int = 16, heads: int = 2, persist: int = 3, window: int = 4) {
+  input tokens: i64[B, T]
+  layer embed = Embedding(vocab, d)
+  layer attn = Attention(d, heads, causal = true, window = window, prefix = persist)
+  layer head = Linear(d, vocab)
+  param persistent: f32[persist, d] = normal(std = 0.5)
+  x = embed(tokens)
+  x = x + attn(concat([broadcast(persistent, [B, persist, d]), x], axis = 1))[:, persist:]
+  output logits = head(x)
+}
+"""
+
+
+def test_a_persistent_prefix_is_cached_once(tmp_path):
+    """Persistent tokens concatenated before the sequence (Titans' MAG/MAL layers): the step adds
+    them on its first call only, their K/V stay in the cache, positions continue behind them."""
+    g, p = _one(PERSISTENT, tmp_path)
+    assert kv_decode_blocker(g) is not None and decode_blocker(g, prefix=True) is None
+    m = api.load(str(p))().eval()
+    tokens = torch.randint(0, 32, (2, 14))
+    with torch.no_grad():
+        for L in (1, 5):
+            out, cache = m.prefill(tokens[:, :L])
+            steps = [out]
+            for i in range(L, 14):
+                s, cache = m.decode(tokens[:, i:i + 1], cache)
+                steps.append(s)
+            torch.testing.assert_close(torch.cat(steps, 1), m(tokens), atol=1e-5, rtol=1e-4)
+            assert type(cache).__name__ == "KVCache"
+            (entry,) = cache.entries.values()
+            assert entry["k"].shape[1] == 3 + 14                    # the prefix once, then every token
+
+
+CHAINED = """
+arch Chained(vocab: int = 16, d: int = 8, seg: int = 4) {
+  input tokens: i64[B, T]
+  layer embed = Embedding(vocab, d)
+  layer head = Linear(d, vocab)
+  x = embed(tokens)
+  y = scan s in segments(x, seg) {
+    yield s + mean(s, axis = 1, keepdim = true)
+  }
+  z = scan s in segments(y, seg) {
+    yield s * 2.0
+  }
+  output logits = head(z)
+}
+"""
+
+
+def test_values_that_change_with_later_tokens_are_never_cached(tmp_path):
+    """The first scan's yields look at their whole segment, so they change while it fills; the
+    second scan would buffer stale inputs. The analysis says so and decoding recomputes (exact)."""
+    g, p = _one(CHAINED, tmp_path)
+    why = decode_blocker(g)
+    assert why == ("`scan` at line 10 reads as its segments values computed from the `scan` at line 7, whose "
+                   "outputs change as later tokens of their segment arrive")
+    m = api.load(str(p))().eval()
+    tokens = torch.randint(0, 16, (1, 11))
+    with torch.no_grad():
+        out, cache = m.prefill(tokens[:, :5])
+        for i in range(5, 11):
+            s, cache = m.decode(tokens[:, i:i + 1], cache)
+            torch.testing.assert_close(s, m(tokens[:, :i + 1])[:, -1:], atol=1e-5, rtol=1e-4)
+    assert type(cache).__name__ == "TokenCache"
+    causal = CHAINED.replace("yield s + mean(s, axis = 1, keepdim = true)", "yield s + 1.0")
+    g2, _ = _one(causal, tmp_path)
+    assert decode_blocker(g2) is None                                   # position by position: state path
