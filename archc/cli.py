@@ -145,9 +145,12 @@ def main():
 @click.argument("files", nargs=-1, required=True)
 @_diagnostics
 def check(files):
-    """Parse, type- and shape-check FILES."""
+    """Parse, type- and shape-check FILES; a language model must be causal or declare `noncausal`."""
+    from archc.ir.causality import require_causal
     for f in files:
         graphs = _graphs(f)
+        for g in graphs:
+            require_causal(g, Path(f).read_text(errors="replace"))
         click.echo(f"{f}: ok ({', '.join(g.name for g in graphs)})")
 
 
@@ -259,6 +262,7 @@ def _compile_onnx(file, output, arch, weights, seed, bindings, static, optimize)
 @_diagnostics
 def cost(file, sets, arch, **pass_opts):
     """Print parameters, FLOPs, activation, KV-cache and decode-cache bytes as formulas and values (of the IR after the passes asked for)."""
+    from archc.ir.causality import causality
     from archc.ir.cost import cost as cost_of, decode_state_bytes
     bindings = _bindings(sets)
     optimize = _optimizer(sys.stdout, **pass_opts)
@@ -268,6 +272,7 @@ def cost(file, sets, arch, **pass_opts):
         if unknown:
             raise ArchError(f"`{g.name}` has no symbol {', '.join(unknown)}; symbols: " + ", ".join(sorted(known)))
         click.echo(f"== {g.name}")
+        click.echo(causality(g).line())
         state = decode_state_bytes(g)
         click.echo(cost_of(g).table(bindings, extra={"decode_state_bytes": state} if state is not None else None))
 

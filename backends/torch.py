@@ -111,6 +111,7 @@ class _Emitter:
         self.sorted_pos = {n.regions[0].args[1].name for n in g.walk()
                            if n.op is Op.ROUTE_TOPK and n.attr("schedule") != "mask"}
         self.kv_owner: dict[tuple[str, str], str] = {}   # cached step: (k, v) -> the cache key that stores them
+        self.kv_valid: str | None = None     # cached step inside a masked route: its selection (bool [B, n])
         self.read: set[str] = reads_of(g.body.nodes, g.body.results)   # every value some node or region reads
         self.runtime: set[str] = set()
         self.uses_math = False
@@ -593,7 +594,32 @@ def _route_results(em: _Emitter, n: Node) -> str:
     return f"{em.v(out.name)}, {em.v(sel.name) if sel.name in em.read else '_'}"
 
 
+def _infer_mask(em: _Emitter, n: Node) -> str:
+    """A route_topk's inference selection: its `infer` mask (and `among`)."""
+    _, _, among, _ = _route_operands(em, n)
+    infer = em.v(n.inputs[-1])
+    return infer if among == "None" else f"{infer} & {among}"
+
+
 def _route_topk(em: _Emitter, n: Node, indent: int):
+    if n.attr("has_infer"):
+        sel = em.v(n.outputs[1].name) if n.outputs[1].name in em.read else None
+        if em.cached:                 # generation uses the inference rule (SPEC §9.1, §17)
+            _cached_route_mask(em, n, indent, _infer_mask(em, n), sel)
+            return
+        em.out("if self.training:", indent)
+        _route_topk_training(em, n, indent + 1)
+        em.out("else:  # the inference rule: each token by its own `infer` mask", indent)
+        keep = em.ns.claim(f"keep:{n.out.name}", "keep")
+        em.out(f"{keep} = {_infer_mask(em, n)}", indent + 1)
+        _route_mask(em, n, indent + 1, mask=keep)
+        if sel is not None:
+            em.out(f"{sel} = {keep}", indent + 1)
+        return
+    _route_topk_training(em, n, indent)
+
+
+def _route_topk_training(em: _Emitter, n: Node, indent: int):
     if n.attr("schedule") == "mask":
         _route_masked(em, n, indent)
         return
@@ -608,11 +634,45 @@ def _route_topk(em: _Emitter, n: Node, indent: int):
     em.out(f"{_route_results(em, n)} = {em.route_scatter(n, [x, pos, xs, y, weight, among])}", indent)
 
 
-def _route_mask(em: _Emitter, n: Node, indent: int):
+def _cached_route_mask(em: _Emitter, n: Node, indent: int, mask: str | None = None, sel: str | None = None):
+    """The cached step's token-choice route (or a top-k route's inference rule, `mask`): the body
+    runs on every new token at its own position, the mask decides which results are kept and which
+    K/V the body's attention may read (each sample's selected tokens, as the forward's per-sample
+    compaction)."""
     r = n.regions[0]
     ins = [em.v(i) for i in n.inputs]
-    x, mask = ins[0], ins[1]
-    weight = ins[2] if n.attr("has_weight") else None
+    if n.op is Op.ROUTE_TOPK:
+        x, _, _, weight = _route_operands(em, n)
+    else:
+        x, mask = ins[0], ins[1]
+        weight = ins[2] if n.attr("has_weight") else "None"
+    xs, pos = (em.v(a.name) for a in r.args)
+    if any(r.args[1].name in m.inputs for m in r.walk() if m.op not in _CACHED_EMIT):
+        em.assign([pos], ["positions"], indent)
+    em.assign([xs], [x], indent)
+    outer = em.kv_valid
+    keep = em.ns.claim(f"keep:{n.out.name}", "keep")
+    em.out(f"{keep} = {mask}" + (f" & {outer}" if outer else ""), indent)
+    em.kv_valid = keep
+    em.region(r, indent)
+    em.kv_valid = outer
+    y = em.v(r.results[0])
+    em.out(f"{em.v(n.out.name)}, {sel or '_'} = {em.rt('route_blend')}({x}, {y}, {keep}, {weight})", indent)
+
+
+def _route_mask(em: _Emitter, n: Node, indent: int, mask: str | None = None):
+    """Each sample runs the body on its own selected tokens (a route_topk's inference rule: `mask`)."""
+    if em.cached and mask is None:
+        _cached_route_mask(em, n, indent)
+        return
+    r = n.regions[0]
+    ins = [em.v(i) for i in n.inputs]
+    if mask is None:
+        x, mask = ins[0], ins[1]
+        weight = ins[2] if n.attr("has_weight") else None
+    else:
+        x, _, _, weight = _route_operands(em, n)
+        weight = None if weight == "None" else weight
     xs, pos = (em.v(a.name) for a in r.args)
     out = em.v(n.out.name)
     rows = em.ns.claim(f"rows:{n.out.name}", "rows")
@@ -832,10 +892,14 @@ def _cached_attend(em: _Emitter, n: Node, indent: int):
     elif share:
         src = share.split(":")[-1]
         reads = json.dumps(src)                            # cross-layer: read the producer's entry
-    if n.attr("prefix"):          # keys behind a sequence-free prefix (TitansMAG/MAL's persistent tokens)
+    if n.attr("prefix") or em.kv_valid:
+        # keys behind a sequence-free prefix (persistent tokens), or inside a masked route (only the
+        # tokens it selected are keys)
         pos = _positions(em, n.inputs[0], indent)
-        em.out(f"{em.v(n.out.name)} = cache.attend({key}, {site}, {q}, {k}, {v}, {pos}, {window}, reads={reads}, "
-               f"prefix={em.e(n.attr('prefix'), True)})", indent)
+        extra = f", prefix={em.e(n.attr('prefix'), True)}" if n.attr("prefix") else ""
+        extra += f", valid={em.kv_valid}" if em.kv_valid else ""
+        em.out(f"{em.v(n.out.name)} = cache.attend({key}, {site}, {q}, {k}, {v}, {pos}, {window}, reads={reads}"
+               f"{extra})", indent)
         return
     em.out(f"{em.v(n.out.name)} = {em.cached_attend(n, [key, site, q, k, v, 'positions', window, reads])}", indent)
 
@@ -857,9 +921,25 @@ def _cached_recurrence(em: _Emitter, n: Node, indent: int):
     em.out(f"cache.keep_recurrent_state({key}, {new})", indent)
 
 
+def _cached_cumsum(em: _Emitter, n: Node, indent: int):
+    """`cumsum` along the sequence in the cached step: the running sum after the cached tokens is
+    added to the new tokens' own cumulative sum, and the last one is kept."""
+    if n.attr("axis") != 1:
+        _uncached(em, n, indent)
+        return
+    x, out = em.v(n.inputs[0]), em.v(n.out.name)
+    key = _site_key(em, n, site=f"cumsum:{n.out.name}")
+    prev = em.ns.claim(f"state:{n.out.name}", "state")
+    em.out(f"{prev} = cache.recurrent_state({key}, None)", indent)
+    em.out(f"{out} = torch.cumsum({x}, dim=1)", indent)
+    em.out(f"if {prev} is not None:", indent)
+    em.out(f"{out} = {out} + {prev}.unsqueeze(1)", indent + 1)
+    em.out(f"cache.keep_recurrent_state({key}, {out}[:, -1])", indent)
+
+
 _CACHED_EMIT = {Op.ROPE: _cached_rope, Op.ATTEND: _cached_attend, Op.KV_READ: lambda em, n, indent: None,
                 Op.LINEAR_SCAN: _cached_recurrence, Op.LINEAR_ATTN: _cached_recurrence,
-                Op.CONCAT: _cached_concat, Op.SLICE: _cached_slice}
+                Op.CONCAT: _cached_concat, Op.SLICE: _cached_slice, Op.CUMSUM: _cached_cumsum}
 
 _REGION_EMIT = {Op.LOOP: _loop, Op.HALT_LOOP: _halt_loop, Op.ROUTE_TOPK: _route_topk, Op.ROUTE_MASK: _route_mask,
                 Op.SCAN: _scan, Op.FUSED: _fused, Op.ATTEND: _attend_node, Op.MEM_WRITE: _mem_write_node,
@@ -1081,7 +1161,7 @@ def _decode_methods(g: Graph, runtime: set[str], make_emitter=_Emitter) -> list[
     tok = lm_token_input(g)
     if tok is None:
         return []
-    blocker = decode_blocker(g, prefix=True)
+    blocker = decode_blocker(g, torch_step=True)
     if blocker is not None:
         runtime.add("TokenCache")
         T = tok.type.shape[1]

@@ -337,15 +337,22 @@ class KVCache:
         """The attention site of an entry key: "layers.attn[1]@r=0" -> "layers.attn"."""
         return key.split("#")[0].split("[")[0].split("@")[0]
 
-    def attend(self, key, site, q, k, v, qpos, window=0, reads=None, prefix=0):
+    def attend(self, key, site, q, k, v, qpos, window=0, reads=None, prefix=0, valid=None):
         """Append k/v under `key` (or read the entry `reads`) and attend with queries q at qpos; the
-        first `prefix` entries (a sequence-free prefix) are visible to every query."""
+        first `prefix` entries (a sequence-free prefix) are visible to every query. `valid` (bool
+        [B, n]) marks which new positions a masked route selected: the others' K/V are kept (the
+        entry stays aligned with positions) but no query ever sees them."""
         e = self.store(key, site, q, k, v, reads, window)
+        if valid is not None and reads is None:
+            past = e.get("valid", torch.ones(valid.shape[0], e["v"].shape[1] - valid.shape[1], dtype=torch.bool,
+                                             device=valid.device))
+            e["valid"] = torch.cat([past, valid], 1)
         keys = self._keys(e)
         top = self.policy(site, "topk_decode")
         if top is not None and self.prefilled:
             return topk_attention(q, keys, e["v"], int(top["k"]), int(top["dense_heads"]), qpos, window)
-        return attention(q, keys, e["v"], causal=True, window=window, prefix=prefix, qpos=qpos)
+        mask = e["valid"][:, None, :].expand(-1, q.shape[1], -1) if "valid" in e else None
+        return attention(q, keys, e["v"], causal=True, window=window, prefix=prefix, qpos=qpos, mask=mask)
 
     def store(self, key, site, q, k, v, reads=None, window=0):
         """Append k/v under `key` (or look up the entry `reads`); returns the entry's tensors."""

@@ -227,6 +227,12 @@ class Require(Stmt):
     message: str | None
 
 
+@dataclass(eq=False)
+class NonCausal(Stmt):
+    """`noncausal "why"`: the architecture's outputs may read later tokens (an encoder, a puzzle solver)."""
+    reason: str | None
+
+
 # -- definitions ------------------------------------------------------------------------------
 
 

@@ -135,6 +135,11 @@ def _attention(al, frame, c, a, span, hint):
     src = tensor_arg(al, a["context"], "context") if cross else x
     if cross:
         _check_last(al, src, c["d"], ctx_span, "Attention context")
+        if c["causal"] and "causal" in c.get("given", ()):
+            raise al.err("a cross-attention (`context`) has no causal order between its queries and the context "
+                         "positions, so `causal = true` cannot hold", ctx_span,
+                         hint="declare the layer with `causal = false`: a cross-attention reads every context "
+                              "position (SPEC §7)")
     d = c["d"]
     q = _lin(al, frame, x, "q", as_expr(heads) * hd, d, span)
     k = _lin(al, frame, src, "k", as_expr(kvh) * hd, d, span)
@@ -291,6 +296,8 @@ def bind_ctor(al, kind: str, decl, scope, frame) -> dict[str, Any]:
             raise al.err(f"`{key}` of {kind} must be a compile-time value", span)
     if prim.validate:
         prim.validate(al, out, spans)
+    defaults = dict(prim.ctor.params)
+    out["given"] = frozenset(k for k, (v, _) in raw.items() if v is not defaults[k])   # written, not defaulted
     return out
 
 

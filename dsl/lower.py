@@ -226,6 +226,7 @@ class ArchLowering:
         self.site_attrs: dict[str, dict] = {}
         self.batch = None
         self._positions_hint = None
+        self.noncausal: str | None = None               # `noncausal "why"` (SPEC §12.6)
 
     err = property(lambda self: self.lw.err)
 
@@ -368,7 +369,7 @@ class ArchLowering:
         body = apply_site_attrs(body, self.site_attrs)
         symbols = list(self.symbols) + [Symbol(d, "dim") for d in self.dims]
         g = Graph(self.arch.name, tuple(symbols), tuple(self.params[n] for n in self.param_order), body,
-                  tuple(policies), self.lw.module.doc, self.lw.file, tuple(self.schedules))
+                  tuple(policies), self.lw.module.doc, self.lw.file, tuple(self.schedules), self.noncausal)
         check_rewrites(self, g)
         return g
 

@@ -417,6 +417,10 @@ class ToAst(Transformer):
         return A.Require(cond=cond, message=_unescape(msg, _tok_span(self.file, msg)) if msg is not None else None,
                          span=self._s(meta))
 
+    def noncausal_stmt(self, meta, msg):
+        return A.NonCausal(reason=_unescape(msg, _tok_span(self.file, msg)) if msg is not None else None,
+                           span=self._s(meta))
+
     # expressions
     def expr_list(self, meta, *items):
         return list(items)

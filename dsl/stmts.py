@@ -254,6 +254,14 @@ class StmtLowering:
         from archc.dsl.schedules import lower_schedule
         self.al.schedules.append(lower_schedule(self.al, st, scope))
 
+    def s_noncausal(self, st: A.NonCausal, scope, frame, kind):
+        if kind != "arch" or scope.parent is not None:
+            raise self.err("`noncausal` declares a property of an architecture: put it at the top level of an "
+                           "`arch` body", st.span)
+        if self.al.noncausal is not None:
+            raise self.err("`noncausal` is declared twice", st.span)
+        self.al.noncausal = st.reason or ""
+
     def s_require(self, st: A.Require, scope, frame, kind):
         v = self.al.static(st.cond, scope, frame, "a requirement")
         if v.kind != "bool":
@@ -481,7 +489,8 @@ class StmtLowering:
         if isinstance(st.selector, A.TopK):
             call = A.Call(func=A.Name(id="topk", span=st.selector.span), args=st.selector.args,
                           kwargs=st.selector.kwargs, span=st.selector.span)
-            a = bind_args(al, "topk", Sig((("score", _REQ), ("capacity", _REQ), ("among", S(False)))), call, scope, frame)
+            a = bind_args(al, "topk", Sig((("score", _REQ), ("capacity", _REQ), ("among", S(False)), ("infer", S(False)))),
+                          call, scope, frame)
             score = self._bt(a["score"], B, T, "router score", F32)
             cap_v, cap_span = a["capacity"]
             if not isinstance(cap_v, Static) or cap_v.kind == "bool":
@@ -508,6 +517,13 @@ class StmtLowering:
         if st.weight is not None:
             operands.append(self._bt((lower_expr(al, st.weight, scope, frame), st.weight.span), B, T, "route weight", F32))
             attrs["has_weight"] = True
+        if op is Op.ROUTE_TOPK:
+            infer_v, infer_span = a["infer"]
+            if not (isinstance(infer_v, Static) and infer_v.kind == "bool" and not infer_v.expr):
+                # the inference rule (MoR's causal router): outside training, each token is routed by
+                # its own mask (and `among`) instead of the top-k over the sequence
+                operands.append(self._bt(a["infer"], B, T, "`infer` mask", BOOL))
+                attrs["has_infer"] = True
         xs = self.b.value(st.var, x.type.with_shape((B, k) + x.type.shape[2:]))
         pos = self.b.value("pos", TensorType(I64, (B, k)))
         bframe = replace(frame, positions=pos, in_route=True)

@@ -5,11 +5,12 @@
     python examples/onnx_generate.py think.decode.onnx --temperature 0.8 --top-k 40 --top-p 0.95 --seed 0
 
 The decode-step graph takes the new tokens and the caches: `past.<site>.key/value` per attention
-site (K/V-cached models) or `past_tokens` (models that recompute over the history: scans,
-routing, halting). It returns the outputs at the new positions and the extended caches
-(`present.*`), which are fed back as the next step's `past.*`. This script imports neither archc
-nor torch: the .onnx file is the whole deployment. onnxruntime-gpu's CUDA provider is used when
-it is installed.
+site (K/V-cached models); also `past.length` and, per segment scan, `past.<scan>.carry<i>` and
+`past.<scan>.rest`, per linear recurrence `past.<node>.state` (models with recurrent state); or
+`past_tokens` (models that recompute over the history: routing, halting). It returns the outputs
+at the new positions and the updated caches (`present.*`), which are fed back as the next step's
+`past.*`. This script imports neither archc nor torch: the .onnx file is the whole deployment.
+onnxruntime-gpu's CUDA provider is used when it is installed.
 
 Sampling follows the generated PyTorch modules' `generate` (SPEC §17): temperature 0 (the default)
 is greedy (argmax, of equal logits the lowest id); otherwise softmax(logits / temperature), then
@@ -26,16 +27,20 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+#: onnxruntime's element type names -> numpy
+DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
 
 def empty_caches(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length caches: `P` (the cached length) is 0 before the prompt."""
+    """The caches before the prompt: zeros of each `past*` input's declared shape and type, with `B`
+    the batch size and every other named axis 0 (`P` the cached length, `R` a scan's open segment;
+    `past.length`, a scalar, is 0, so the step graph starts every scan and recurrence from the
+    model's own initial state)."""
     feeds = {}
     for i in sess.get_inputs():
-        if i.name == "past_tokens":
-            feeds[i.name] = np.zeros((batch, 0), np.int64)
-        elif i.name.startswith("past."):
-            shape = [batch if d == "B" else 0 if d == "P" else d for d in i.shape]
-            feeds[i.name] = np.zeros(shape, np.float32)
+        if i.name == "past_tokens" or i.name.startswith("past."):
+            shape = [batch if d == "B" else 0 if not isinstance(d, int) else d for d in i.shape]
+            feeds[i.name] = np.zeros(shape, DTYPES[i.type])
     return feeds
 
 

@@ -50,7 +50,7 @@ def weight_applications(g: Graph) -> dict[str, sympy.Expr]:
 
 _SEQ_MIXING_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.ARGMAX, Op.SOFTMAX, Op.CUMSUM, Op.TOPK_MASK,
                       Op.CONCAT, Op.SLICE, Op.SELECT, Op.GATHER}
-_NEVER = {Op.ARANGE, Op.LINEAR_SCAN, Op.LINEAR_ATTN, Op.CONV1D, Op.MEM_READ, Op.MEM_WRITE, Op.BANK_PUSH,
+_NEVER = {Op.LINEAR_SCAN, Op.LINEAR_ATTN, Op.CONV1D, Op.MEM_READ, Op.MEM_WRITE, Op.BANK_PUSH,
           Op.BANK_VALID, Op.HALT_LOOP, Op.ROUTE_MASK, Op.SCAN}
 
 
@@ -78,26 +78,31 @@ def kv_decode_blocker(g: Graph) -> str | None:
     return decode_blocker(g, state=False)
 
 
-def decode_blocker(g: Graph, state: bool = True, prefix: bool = False) -> str | None:
+def decode_blocker(g: Graph, state: bool = True, torch_step: bool = False) -> str | None:
     """Why `g` has no exact incremental step (None when it has one), SPEC §17.
 
     The step runs the new tokens only: every op must act position by position along the sequence
     axis, except causal self-attention (its past K/V are cached) and, with `state`, segment scans
     whose body reads the sequence only through its segment (the cache keeps the carries at the last
     complete segment and the open segment's inputs; the body runs on whole segments as in the
-    forward, so anything may happen inside it). With `prefix`, a sequence-free prefix concatenated
-    before the sequence (`concat([persistent, h], axis = 1)`: axis 1 is T + P), attended with
-    `prefix = P` and sliced off again, is allowed: the step adds the prefix on its first call only.
+    forward, so anything may happen inside it). With `torch_step`, what the PyTorch step also
+    handles (the ONNX step graph does not yet): a sequence-free prefix concatenated before the
+    sequence (`concat([persistent, h], axis = 1)`: axis 1 is T + P), attended with `prefix = P`
+    and sliced off again (the step adds the prefix on its first call only), and `cumsum` along the
+    sequence (the step keeps the running sum).
     """
+    prefix = torch_step
     tok = lm_token_input(g)
     if tok is None:
         return "it is not a language model (one i64 [B, T] token input)"
     T = tok.type.shape[1]
 
+    seq_dims = [T]      # and, inside a top-k route's inference rule, its compacted length (the step runs every token)
+
     def seq_axis(t) -> int | None:
         if prefix and seq_offset(t, T) is not None:
             return 1
-        hits = [i for i, d in enumerate(t.shape) if d == T]
+        hits = [i for i, d in enumerate(t.shape) if any(d == s for s in seq_dims)]
         return hits[0] if hits else (-1 if any(d.has(T) for d in t.shape) else None)
 
     types = value_types(g)
@@ -133,13 +138,17 @@ def decode_blocker(g: Graph, state: bool = True, prefix: bool = False) -> str | 
             why = _recurrence_state_blocker(n, T, types, seq_axis)
             if why is not None:
                 return f"{what} {why}"
+        elif n.op is Op.ROUTE_MASK and state:
+            pass                             # token choice: each token's mask is its own (the body is checked)
+        elif n.op is Op.ROUTE_TOPK and state and n.attr("has_infer"):
+            pass                             # generation routes each token by its `infer` mask (SPEC §9.1)
         elif n.op in _NEVER or (n.op is Op.ROUTE_TOPK and not selects_every_token(n)):
             return f"{what} mixes information along the sequence"
         for o in n.outputs:
             ax = seq_axis(o.type)
             if ax is not None and ax != 1:
                 return f"{what} moves the sequence axis"
-            if sum(1 for d in o.type.shape if d == T) > 1:      # einsum("btd,bsd->bts"): position pairs
+            if sum(1 for d in o.type.shape if d in seq_dims) > 1:      # einsum("btd,bsd->bts"): position pairs
                 return f"{what} pairs positions along the sequence"
         if (n.op in (Op.EINSUM, Op.MATMUL) and any(seq_axis(types[i]) is not None for i in n.inputs if i in types)
                 and all(seq_axis(o.type) is None for o in n.outputs)):
@@ -148,6 +157,8 @@ def decode_blocker(g: Graph, state: bool = True, prefix: bool = False) -> str | 
                 offset(n.out.name) not in (None, 0) or any(offset(i) not in (None, 0) for i in n.inputs)):
             why = prefixed(n)
             return None if why is None else f"{what} {why}"
+        if n.op is Op.CUMSUM and torch_step and n.attr("axis") == 1 and seq_axis(types[n.inputs[0]]) == 1:
+            return None                      # causal: the step keeps the running sum
         if n.op in _SEQ_MIXING_REDUCE and n.attr("axis") == 1:
             return f"{what} reduces or indexes along the sequence"
         if n.op is Op.ATTEND:
@@ -170,10 +181,15 @@ def decode_blocker(g: Graph, state: bool = True, prefix: bool = False) -> str | 
                 return why
             if n.op is Op.SCAN and state:
                 continue                     # its body runs whole segments, as in the forward
+            routed = n.op is Op.ROUTE_TOPK and state and n.attr("has_infer")
+            if routed:
+                seq_dims.append(n.regions[0].args[0].type.shape[1])
             for sub in n.regions:
                 why = check(sub)
                 if why is not None:
                     return why
+            if routed:
+                seq_dims.pop()
         return None
 
     return check(g.body)
@@ -273,7 +289,7 @@ def decode_remarks(g: Graph) -> list[str]:
     """What the incremental step of `g` keeps, or which construct forces the recompute fallback."""
     if lm_token_input(g) is None:
         return []
-    why = decode_blocker(g)
+    why = decode_blocker(g, torch_step=True)
     if why is not None:
         return [f"decode recomputes the token history (O(T) per token): {why}"]
     scans = sum(1 for n in _outside_scans(g.body) if n.op is Op.SCAN)
@@ -300,10 +316,13 @@ _POSITIONWISE_MOVES = {Op.SPLIT_HEADS, Op.MERGE_HEADS}
 
 
 def segment_causal_blocker(n: Node) -> str | None:
-    """Why a scan's concatenated yields at segment position i may depend on positions after i
-    (None when they provably do not).
+    """Why a scan's concatenated yields at segment position i may depend on positions after i or on
+    the segment's length (None when they provably do not: each yield position is a position-wise
+    or causal function of the segment).
 
-    Then the yields of an open (short) segment change as its later tokens arrive: the forward over
+    Then the yields of an open (short) segment change as its later tokens arrive (TitansLMM's last
+    position reads the memory after the segment's write: a causal model, whose value at a position
+    still changes when the segment grows past it): the forward over
     a longer prefix gives its earlier positions other values, so nothing a decode step caches (K/V,
     another scan's open segment, a recurrence's state) may be computed from them. Conservative: an
     op not known to act position by position along the segment mixes positions.

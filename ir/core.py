@@ -228,6 +228,7 @@ class Graph:
     doc: str = ""
     source_file: str = ""
     schedules: tuple[Schedule, ...] = ()
+    noncausal: str | None = None     # declared non-causal (`noncausal "why"`): the reason, "" if none given
 
     @property
     def inputs(self) -> tuple[Value, ...]:

@@ -494,7 +494,9 @@ def decode_state_bytes(g: Graph) -> sympy.Expr | None:
     None for a graph that is not a language model.
 
     Recompute path: the token history (8*B*T). Cached step: the K/V of the attention sites outside
-    segment scans (kv_cache_bytes restricted to them), each scan's carries plus its open segment's
+    segment scans (kv_cache_bytes restricted to them; a site inside a token-choice route or a top-k
+    route's inference rule caches every position and one bool per token: was it selected), each
+    scan's carries plus its open segment's
     inputs (Mod(T, C) positions), each per-step recurrence's state; times the trips of enclosing
     `repeat`s.
     """
@@ -503,16 +505,24 @@ def decode_state_bytes(g: Graph) -> sympy.Expr | None:
     if tok is None:
         return None
     B, T = tok.type.shape
-    if decode_blocker(g) is not None:
+    if decode_blocker(g, torch_step=True) is not None:          # the PyTorch step's choice (SPEC §17)
         return _with_assumptions(g, 8 * B * T)
     inside = {n.attr("site") or "" for s in g.walk() if s.op is Op.SCAN     # their K/V are not cached
               for n in s.regions[0].walk() if n.op is Op.ATTEND}
-    total = cost(g, kv_sites=lambda site: site not in inside).kv_cache_bytes
+    # a top-k route's inference rule runs every token: its sites cache all T positions (counted below)
+    inferred = {n.attr("site") or "" for s in g.walk() if s.op is Op.ROUTE_TOPK and s.attr("has_infer")
+                for n in s.regions[0].walk() if n.op is Op.ATTEND}
+    total = cost(g, kv_sites=lambda site: site not in inside | inferred).kv_cache_bytes
     types = value_types(g)
 
-    def walk(r: Region, mult: sympy.Expr) -> sympy.Expr:
+    def walk(r: Region, mult: sympy.Expr, routed: bool = False, compacted=None) -> sympy.Expr:
         out = ZERO
         for n in r.nodes:
+            if n.op is Op.ATTEND and routed:
+                out += mult * B * T                  # which positions the route selected (bool per token)
+            if n.op is Op.ATTEND and compacted is not None:
+                kv = KV_BYTES * (numel(types[n.inputs[1]]) + numel(types[n.inputs[2]]))
+                out += mult * kv.xreplace({compacted: T})
             if n.op is Op.SCAN:
                 nc = len(n.inputs) - 1
                 x = types[n.inputs[0]]
@@ -522,9 +532,14 @@ def decode_state_bytes(g: Graph) -> sympy.Expr | None:
                 continue
             if n.op in (Op.LINEAR_SCAN, Op.LINEAR_ATTN):
                 out += mult * _bytes(types[n.inputs[-1]])
+            if n.op is Op.CUMSUM and n.attr("axis") == 1:   # the running sum: one position
+                x = types[n.inputs[0]]
+                out += mult * _bytes(x) / x.shape[1]
+            infer = n.op is Op.ROUTE_TOPK and n.attr("has_infer")
             for sub in n.regions:
                 k = as_expr(n.attr("trips")) if n.op is Op.LOOP else sympy.Integer(1)
-                out += walk(sub, mult * k)
+                out += walk(sub, mult * k, routed or n.op is Op.ROUTE_MASK or infer,
+                            sub.args[0].type.shape[1] if infer else compacted)
         return out
 
     return _with_assumptions(g, total + walk(g.body, sympy.Integer(1)))

@@ -497,6 +497,12 @@ def _route_topk(it, n, ins, vals):
     rest = list(ins[2:])
     among = rest.pop(0) if n.attr("has_among") else None
     weight = rest.pop(0) if n.attr("has_weight") else None
+    infer = rest.pop(0) if n.attr("has_infer") else None
+    if infer is not None and not it.training:
+        # the inference rule (SPEC §9.1): each token by its own mask, each sample's tokens compacted
+        sel = infer if among is None else infer & among
+        (out,) = _route_mask(it, n, [x, sel] + ([weight] if weight is not None else []), vals)
+        return [out, sel]
     k = max(1, math.floor(it.attr(n, "capacity") * x.shape[1] + 1e-9))
     if n.attr("schedule") == "mask":          # every token runs the body; the selection blends
         keep = rt.route_keep(score, k, among)

@@ -497,9 +497,10 @@ OPS: dict[Op, OpDef] = {d.op: d for d in [
     D(Op.HALT_LOOP, Group.REGION, (0, -1), ("trips", "var"), None,
       "repeat up to `trips` times; each sample stops once the region's first yield is true", regions=1,
       required=("trips",)),
-    D(Op.ROUTE_TOPK, Group.REGION, (2, 4), ("capacity", "has_among", "has_weight", "schedule"), None,
+    D(Op.ROUTE_TOPK, Group.REGION, (2, 5), ("capacity", "has_among", "has_weight", "has_infer", "schedule"), None,
       "run the region on the top-k tokens by score (schedule \"compact\": gathered; \"mask\": every token, "
-      "blended by the selection), scatter back (gated)", regions=1, required=("capacity",)),
+      "blended by the selection), scatter back (gated); with has_infer, outside training each sample's tokens "
+      "where infer (and among) hold", regions=1, required=("capacity",)),
     D(Op.ROUTE_MASK, Group.REGION, (2, 3), ("has_weight", "dims"), None,
       "run the region on each sample's masked tokens, scatter back (gated)", regions=1),
     D(Op.SCAN, Group.REGION, (1, -1), ("size", "stacked"), None,

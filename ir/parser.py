@@ -178,7 +178,9 @@ class _Parser:
         schedules: list[Schedule] = []
         inputs: list[Value] = []
         nodes: list[Node] = []
+        noncausal: list[str] = []
         line_kinds: dict[str, Callable[[_Cursor], None]] = {
+            "noncausal": lambda c: noncausal.append(self.noncausal_line(c, noncausal)),
             "param": lambda c: params.append(self.param(c, params)),
             "policy": lambda c: policies.append(self.policy(c)),
             "schedule": lambda c: schedules.append(self.schedule(c, schedules)),
@@ -199,7 +201,17 @@ class _Parser:
         c.expect("}", "closing the graph")
         c.end()
         body = Region(tuple(inputs), tuple(nodes), tuple(results))
-        return Graph(name, tuple(symbols), tuple(params), body, tuple(policies), schedules=tuple(schedules))
+        return Graph(name, tuple(symbols), tuple(params), body, tuple(policies), schedules=tuple(schedules),
+                     noncausal=noncausal[0] if noncausal else None)
+
+    def noncausal_line(self, c: _Cursor, seen: list[str]) -> str:
+        """`noncausal "why"` (or bare `noncausal`): the graph's declared reason, "" without one."""
+        c.keyword("noncausal")
+        if seen:
+            raise c.error("`noncausal` is declared twice", 0, c.pos)
+        reason = json.loads(c.match(_STRING, "a string")[0]) if c.at('"') else ""
+        c.end()
+        return reason
 
     def symbol(self, c: _Cursor) -> Symbol:
         name, _ = c.match(_IDENT, "a symbol name")

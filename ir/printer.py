@@ -1,6 +1,7 @@
 """The stable textual form of the IR (the golden-test format; `archc.ir.parser` reads it back).
 
     graph Name(d: int = 64, ...) dims(B, T) {
+      noncausal "a puzzle solver"            (only when declared)
       param @embed.weight : f32[vocab, d] init=normal(std=1.0)
       policy share_kv(targets=["core.attn"], across="recursion")
       schedule curriculum(progress: float) {n_r=<Piecewise((2, progress < 0.5), (3, True))>}
@@ -122,6 +123,8 @@ def print_graph(g: Graph) -> str:
     if dims:
         head += " dims(" + ", ".join(dims) + ")"
     lines = [head + " {"]
+    if g.noncausal is not None:
+        lines.append("  noncausal" + (f" {json.dumps(g.noncausal)}" if g.noncausal else ""))
     for p in g.params:
         lines.append("  " + param_str(p))
     for p in g.policies:

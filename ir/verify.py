@@ -228,10 +228,10 @@ def _halt_loop_exit(v: _Verifier, n: Node) -> None:
 
 
 def _route_entry(v: _Verifier, n: Node) -> None:
-    optional = ("has_among", "has_weight") if n.op is Op.ROUTE_TOPK else ("has_weight",)
+    optional = ("has_among", "has_weight", "has_infer") if n.op is Op.ROUTE_TOPK else ("has_weight",)
     want = 2 + sum(bool(n.attr(k)) for k in optional)
     if len(n.inputs) != want:
-        flags = ", ".join(f"{k}={bool(n.attr(k))}" for k in optional)
+        flags = ", ".join(f"{k}={bool(n.attr(k))}" for k in optional if k != "has_infer" or n.attr(k))
         raise v.fail(f"{n.op.value} with {flags} takes {want} operands, got {len(n.inputs)}", n)
     x, args = v.types[n.inputs[0]], _args(n)
     schedule = n.attr("schedule", "compact") if n.op is Op.ROUTE_TOPK else "compact"

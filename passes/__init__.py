@@ -184,9 +184,11 @@ def run_pipeline(g: Graph, names: Iterable[str], *, verify: bool = False, print_
             rows.append((name, elapsed, before, _nodes(g)))
     if remarks:
         from archc.ir.analysis import decode_remarks
+        from archc.ir.causality import causality
         lines = decode_remarks(g)
         if lines:
             out.write(f"// ----- remarks on decoding ({g.name}) ----- //\n" + "".join(f"// {line}\n" for line in lines))
+        out.write(f"// ----- remarks on causality ({g.name}) ----- //\n// {causality(g).line()}\n")
     if time_passes:
         out.write(_timing_table(g.name, rows))
     return g

@@ -94,6 +94,8 @@ def _shared_sources(g: Graph) -> set[str]:
 
 def mask_blocker(g: Graph, route: Node) -> str | None:
     """Why running this route's body on every token would differ from running it on the selected ones."""
+    if route.attr("has_infer"):
+        return "outside training its tokens are chosen by the `infer` rule, one by one"
     if as_expr(route.attr("capacity")) == 1:
         return None                 # every token is selected: both schedules run the same program
     r = route.regions[0]

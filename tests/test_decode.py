@@ -23,7 +23,7 @@ def test_kv_cached_decode_matches_forward(name):
     assert cache.length == 12 and cache.nbytes() > 0
 
 
-@pytest.mark.parametrize("name,arch", [("mor", "MoR"), ("mor", "MoRTokenChoice"), ("hrm", "HRM")])
+@pytest.mark.parametrize("name,arch", [("mor", "MoRKVShare"), ("hrm", "HRM")])
 def test_recompute_decode_is_exact(name, arch):
     torch.manual_seed(0)
     m = api.load(stdlib.path(name), arch=arch)(d=32, heads=2)

@@ -70,6 +70,8 @@ def test_decoding_equals_the_forward_over_the_same_prefix(name, arch):
         assert cache.length == L + 8
     if arch in STATEFUL:
         assert decode_blocker(g) is None and type(cache).__name__ == "KVCache" and cache.states
+    if arch in ("MoR", "MoRTokenChoice"):                   # routed recursions decode from a K/V cache
+        assert decode_blocker(g) is None and type(cache).__name__ == "KVCache"
 
 
 @pytest.mark.parametrize("name,arch", [("memory_caching", "MemoryCachingGRM"), ("miras", "MirasMoneta"),
@@ -221,7 +223,7 @@ def test_a_persistent_prefix_is_cached_once(tmp_path):
     """Persistent tokens concatenated before the sequence (Titans' MAG/MAL layers): the step adds
     them on its first call only, their K/V stay in the cache, positions continue behind them."""
     g, p = _one(PERSISTENT, tmp_path)
-    assert kv_decode_blocker(g) is not None and decode_blocker(g, prefix=True) is None
+    assert kv_decode_blocker(g) is not None and decode_blocker(g, torch_step=True) is None
     m = api.load(str(p))().eval()
     tokens = torch.randint(0, 32, (2, 14))
     with torch.no_grad():
@@ -272,3 +274,74 @@ def test_values_that_change_with_later_tokens_are_never_cached(tmp_path):
     causal = CHAINED.replace("yield s + mean(s, axis = 1, keepdim = true)", "yield s + 1.0")
     g2, _ = _one(causal, tmp_path)
     assert decode_blocker(g2) is None                                   # position by position: state path
+
+
+INFER = """
+arch Routed(d: int = 3) {
+  input x: f32[B, T, d]
+  s = x[:, :, 0]
+  route x by topk(s, capacity = 0.5, infer = s > 0.0) weight sigmoid(s) as sel {
+    x = x * 2.0
+  }
+  output y = x
+  output sel = sel
+}
+"""
+
+
+def test_a_topk_route_s_inference_rule(tmp_path):
+    """`infer =` (MoR's causal remedy, SPEC §9.1): training selects the top-k over the sequence;
+    outside training each token is routed by its own mask, in the interpreter, the generated module
+    (eval) and ONNX. Written from the definition."""
+    g, p = _one(INFER, tmp_path)
+    x = torch.randn(2, 6, 3)
+    s = x[:, :, 0]
+    w = torch.sigmoid(s)[..., None]
+    rule = s > 0
+    want = torch.where(rule[..., None], x + w * (2 * x - x), x)
+    top = torch.zeros_like(rule).scatter(1, s.topk(3, dim=1).indices, True)
+    want_train = torch.where(top[..., None], x + w * (2 * x - x), x)
+    for training, y_want, sel_want in ((False, want, rule), (True, want_train, top)):
+        out = run(g, init_params(g), {"x": x}, training=training)
+        torch.testing.assert_close(out["y"], y_want)
+        assert torch.equal(out["sel"], sel_want)
+        m = api.load(str(p))().train(training)
+        got = m(x)
+        torch.testing.assert_close(got["y"], y_want)
+        assert torch.equal(got["sel"], sel_want)
+    from archc.backends.onnx import export_forward, session
+    sess = session(export_forward(g, {}).model, threads=1)        # an exported graph is for inference
+    y, sel = sess.run(["y", "sel"], {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(torch.from_numpy(sel), rule)
+
+
+RUNNING = """
+arch Running(vocab: int = 16, d: int = 4) {
+  input tokens: i64[B, T]
+  layer embed = Embedding(vocab, d)
+  layer head = Linear(d, vocab)
+  total = cumsum(embed(tokens), axis = 1)
+  output logits = head(sin(total))
+}
+"""
+
+
+def test_a_running_sum_keeps_one_position(tmp_path):
+    """`cumsum` along the sequence is causal: the step keeps the running sum (O(1) per token)."""
+    import sympy
+
+    from archc.ir.cost import decode_state_bytes
+    g, p = _one(RUNNING, tmp_path)
+    assert decode_blocker(g, torch_step=True) is None
+    m = api.load(str(p))().eval()
+    tokens = torch.randint(0, 16, (2, 12))
+    with torch.no_grad():
+        out, cache = m.prefill(tokens[:, :5])
+        steps = [out]
+        for i in range(5, 12):
+            s, cache = m.decode(tokens[:, i:i + 1], cache)
+            steps.append(s)
+        torch.testing.assert_close(torch.cat(steps, 1), m(tokens), atol=1e-5, rtol=1e-4)
+    e = decode_state_bytes(g)
+    assert cache.nbytes() == 2 * 4 * 4 == int(e.subs({sympy.Symbol("B"): 2, sympy.Symbol("d"): 4}))

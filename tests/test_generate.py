@@ -26,9 +26,10 @@ def think():
 
 @pytest.fixture(scope="module")
 def mor():
-    """MoR (expert-choice routing over the sequence): decodes by recomputing over the token history."""
+    """MoRKVShare (expert-choice routing over the sequence, no inference rule): decodes by recomputing
+    over the token history."""
     torch.manual_seed(1)
-    return api.load(stdlib.path("mor"), arch="MoR")(**SMALL).eval()
+    return api.load(stdlib.path("mor"), arch="MoRKVShare")(**SMALL).eval()
 
 
 def _model(request, name):
@@ -266,7 +267,7 @@ def test_onnx_example_recompute_graph_and_its_sampling_semantics(tmp_path, mor, 
     import numpy as np
     import onnxruntime as ort
     path = tmp_path / "mor.decode.onnx"
-    assert _decode_graph(mor, "mor", "MoR", SMALL, path) == "recompute_decode"
+    assert _decode_graph(mor, "mor", "MoRKVShare", SMALL, path) == "recompute_decode"
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     prompt = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(8))
     got = example.generate(sess, prompt.numpy(), 5)

@@ -374,19 +374,18 @@ def test_examples_match_interpreter(path):
 # -- decoding -------------------------------------------------------------------------------------------
 
 
+_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
 def _empty_caches(sess, batch: int) -> dict:
-    feeds = {}
-    for i in sess.get_inputs():
-        if i.name == "past_tokens":
-            feeds[i.name] = np.zeros((batch, 0), np.int64)
-        elif i.name.startswith("past."):
-            feeds[i.name] = np.zeros([batch if d == "B" else 0 if d == "P" else d for d in i.shape], np.float32)
-    return feeds
+    """Zeros of each cache input's type: `B` the batch, every other named axis (P, R) 0, past.length 0."""
+    return {i.name: np.zeros([batch if d == "B" else d if isinstance(d, int) else 0 for d in i.shape], _DTYPES[i.type])
+            for i in sess.get_inputs() if i.name == "past_tokens" or i.name.startswith("past.")}
 
 
 DECODE_CASES = ["ThinK", "MoVE", "LycheeDecode", "CoLa",           # K/V caches (in loops, with a policy, with count inputs)
-                "MoR", "TitansMAC", "HRM",                        # history recompute (routing, memory scan, halting)
-                "GRUAgent"]                                       # ... a per-step scan: its outputs have length T
+                "TitansMAC", "GRUAgent",                          # recurrent state (a memory scan, a per-step scan)
+                "MoR", "HRM"]                                     # history recompute (routing, halting)
 
 
 @pytest.mark.parametrize("name,g", [c for c in _cases() if c[1].name in DECODE_CASES],
@@ -418,7 +417,7 @@ def test_decode_step_graph_matches_the_full_forward(name, g):
 def test_decode_kinds():
     kinds = {g.name: decode_kind(g) for n in ("think", "move", "mor", "titans", "depth_recurrent") for g in stdlib.graphs(n)}
     expected = {"ThinK": "kv_decode", "MoVE": "kv_decode", "MoR": "recompute_decode", "MoRKVShare": "recompute_decode",
-                "MoRTokenChoice": "recompute_decode", "TitansMAC": "recompute_decode", "DepthRecurrent": None}
+                "MoRTokenChoice": "recompute_decode", "TitansMAC": "state_decode", "DepthRecurrent": None}
     assert {k: kinds[k] for k in expected} == expected
 
 

@@ -97,13 +97,14 @@ def test_forward_agrees_at_every_length(name):
 @pytest.mark.parametrize("name", sorted(n for n in SMALL if n != "TitansLMM"))
 def test_recompute_decode_agrees_after_a_prompt_that_is_not_a_multiple(name):
     """Prefill seg + 1 tokens (past_tokens empty), then three tokens one at a time: each step's outputs
-    equal the interpreter's forward over the same tokens at the new positions."""
+    equal the interpreter's forward over the same tokens at the new positions (the recompute graph,
+    which these models get with state=False; tests/test_onnx_state_decode.py checks their state graph)."""
     g, bindings = _graph(name)
-    assert decode_kind(g) == "recompute_decode"
+    assert decode_kind(g, state=False) == "recompute_decode"
     seg = bindings["seg"]
     w = seeded_weights(g, bindings, seed=1)
     tw = {k: torch.from_numpy(v) for k, v in w.items()}
-    dec = export_decode(g, w, bindings)
+    dec = export_decode(g, w, bindings, kind="recompute_decode")
     onnx.checker.check_model(dec.model, full_check=True)
     sess = session(dec.model, threads=1)
     tokens = _inputs(g, bindings, seg + 4, seed=7)["tokens"]

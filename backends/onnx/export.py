@@ -19,7 +19,7 @@ from archc.backends.onnx.lower import Lowerer
 from archc.ir.core import Graph, Node, Region
 from archc.ir.interpret import resolve_bindings
 from archc.ir.ops import Op
-from archc.ir.shapes import TensorType, as_expr, expr_str
+from archc.ir.shapes import DType, TensorType, as_expr, expr_str
 from onnx import helper
 
 from archc.errors import ArchError
@@ -33,7 +33,7 @@ class Exported:
     """One exported ONNX model and what a caller needs to feed it."""
 
     model: onnx.ModelProto
-    kind: str                          # "forward" | "kv_decode" | "recompute_decode"
+    kind: str                          # "forward" | "kv_decode" | "state_decode" | "recompute_decode"
     runtime_symbols: tuple[str, ...]   # int64 scalar inputs with defaults (recursion counts)
     notes: tuple[str, ...] = ()        # what a user should know about this graph (printed by the CLI)
 
@@ -167,31 +167,100 @@ def _attention_instances(g: Graph) -> list[tuple[Node, list[Node]]]:
     return out
 
 
-def decode_kind(g: Graph) -> str | None:
-    """Which decode-step graph `g` gets: "kv_decode", "recompute_decode", or None (not a language model)."""
-    from archc.ir.analysis import kv_decode_blocker, lm_token_input
+_STATE_OPS = (Op.SCAN, Op.LINEAR_SCAN, Op.LINEAR_ATTN)
+
+
+def _cached_instances(g: Graph) -> list[tuple[Node, list[Node]]]:
+    """What the decode step caches, in program order, with the enclosing region ops (outermost first):
+    attend nodes outside scan bodies, scans (not their bodies: they run as in the forward), and
+    linear_scan / linear_attn."""
+    out = []
+
+    def walk(r: Region, stack: list[Node]):
+        for n in r.nodes:
+            if n.op is Op.ATTEND or n.op in _STATE_OPS:
+                out.append((n, list(stack)))
+            if n.op is not Op.SCAN:
+                for sub in n.regions:
+                    walk(sub, stack + [n])
+    walk(g.body, [])
+    return out
+
+
+def _unsupported_sharing(g: Graph) -> str | None:
+    """K/V sharing a decode-step graph does not express (None: none, or only what it expresses:
+    `share_kv(source = ...)` / `stochastic_share` between attention sites both outside scan bodies or
+    both inside, and shared K/V values that `insert-kv-sharing` made data flow)."""
+    outside = {n.attr("site") for n, _ in _cached_instances(g) if n.op is Op.ATTEND}
+    for n in g.walk():
+        if n.op is Op.KV_READ:
+            return "`kv_read` (K/V recorded elsewhere in the forward)"
+        share = n.attr("kv_share") if n.op is Op.ATTEND else None
+        if share and share.startswith("recursion:"):
+            return "K/V shared across a recursion (-O2's insert-kv-sharing turns it into data flow)"
+        if share and (n.attr("site") in outside) != (share.split(":")[-1] in outside):
+            return "K/V shared between a scan's body and the rest of the model"
+    return None
+
+
+def step_blocker(g: Graph) -> str | None:
+    """Why a cached decode-step graph (kv_decode / state_decode) cannot express `g`'s step although
+    the PyTorch module may have one (None: it can): K/V sharing it does not express, or a cache
+    under a region op other than `repeat` (a `route_mask` body runs per sample on the tokens it
+    selects, so each sample would cache a different number of positions)."""
+    why = _unsupported_sharing(g)
+    if why is not None:
+        return why
+    for n, stack in _cached_instances(g):
+        bad = next((s for s in stack if s.op not in (Op.LOOP, Op.FUSED)), None)
+        if bad is not None:
+            at = f" at line {n.span.line}" if n.span else ""
+            return f"`{n.op.value}`{at} keeps a cache inside `{bad.op.value}`"
+    return None
+
+
+def decode_kind(g: Graph, state: bool = True) -> str | None:
+    """Which decode-step graph `g` gets (SPEC §21.4): "kv_decode", "state_decode", "recompute_decode",
+    or None (not a language model). `state=False` gives the models with recurrent state the
+    recompute graph instead of "state_decode"."""
+    from archc.ir.analysis import decode_blocker, kv_decode_blocker, lm_token_input
     if lm_token_input(g) is None:
         return None
-    sites = _attention_instances(g)
-    shares = any(n.attr("kv_share") for n, _ in sites) or any(n.op is Op.KV_READ for n in g.walk())
-    if kv_decode_blocker(g) is None and sites and not shares:
+    if step_blocker(g) is not None:
+        return "recompute_decode"
+    kv_blocked = kv_decode_blocker(g)
+    if kv_blocked is None and _attention_instances(g):
         return "kv_decode"
+    if state and kv_blocked is not None and decode_blocker(g) is None:
+        return "state_decode"
     return "recompute_decode"
 
 
+KINDS = ("kv_decode", "state_decode", "recompute_decode")
+
+
 def export_decode(g: Graph, weights: dict[str, np.ndarray], bindings: dict[str, Any] | None = None,
-                  runtime: list[str] | None = None) -> Exported | None:
-    """The decode-step graph of a language model (None for other graphs); see SPEC.md §21."""
+                  runtime: list[str] | None = None, kind: str | None = None) -> Exported | None:
+    """The decode-step graph of a language model (None for other graphs); see SPEC.md §21.4.
+
+    `kind` (default `decode_kind(g)`) may ask for "recompute_decode" for any language model, or for
+    the cached graph `decode_kind` picks ("kv_decode" or "state_decode")."""
     rewrite = cache_rewrite(g)
     if rewrite is not None:
         raise ArchError(f"cannot export a decode-step graph of `{g.name}`: {_REWRITE_REFUSAL}", rewrite.span,
                         hint="export the forward graph only (archc.api.export_onnx does this for such models)")
-    kind = decode_kind(g)
-    if kind is None:
+    best = decode_kind(g)
+    if best is None:
         return None
-    if kind == "kv_decode":
-        return _kv_decode(g, weights, bindings or {})
-    return _recompute_decode(g, weights, bindings or {}, runtime_symbols(g) if runtime is None else runtime)
+    kind = best if kind is None else kind
+    if kind not in KINDS:
+        raise ArchError(f"unknown decode-step graph kind `{kind}`", hint="one of " + ", ".join(KINDS))
+    if kind != "recompute_decode" and kind != best:
+        raise ArchError(f"`{g.name}` has no `{kind}` graph: its cached decode step is `{best}`",
+                        hint="ask for recompute_decode, which every language model has")
+    if kind == "recompute_decode":
+        return _recompute_decode(g, weights, bindings or {}, runtime_symbols(g) if runtime is None else runtime)
+    return _cached_decode(g, weights, bindings or {}, kind)
 
 
 def _recompute_decode(g: Graph, weights, bindings, runtime) -> Exported:
@@ -215,42 +284,95 @@ def _recompute_decode(g: Graph, weights, bindings, runtime) -> Exported:
     return mm.model("recompute_decode", f"archc decode step of {g.name}: recomputes over the token history")
 
 
-def _kv_decode(g: Graph, weights, bindings) -> Exported:
-    """tokens [B, T] + per-attention past K/V -> outputs for the new tokens + present K/V."""
+def _cached_decode(g: Graph, weights, bindings, kind: str) -> Exported:
+    """tokens [B, T] + the caches -> outputs for the new tokens + the updated caches (SPEC §21.4).
+
+    kv_decode: per attention node, past K/V. state_decode adds `past.length` (tokens so far) and,
+    per scan, its committed carries and open segment, per linear_scan / linear_attn its state.
+    Caches inside `repeat` loops are stacked over the trip counts (outermost first).
+    """
+    from archc.backends.onnx.state import scan_key
+    state = kind == "state_decode"
     mm = _Model(g, weights, bindings, [], "kv_decode")
+    lw = mm.lw
     (tok,) = g.inputs
     B = tok.type.shape[0]
     new = mm.add_input(tok.name, tok.type)
     mm.bind_dims(new, tok.type)
+    present_dims: dict[str, list] = {}
+
+    def cache_input(name: str, dtype: DType, dims: list, out_dims: list | None = None) -> str:
+        present_dims["present" + name[len("past"):]] = dims if out_dims is None else out_dims
+        return mm.add_input(name, TensorType(dtype, ()), dims=dims)
+
+    if state:
+        lw.past_length = cache_input("past.length", DType.I64, [])
+        lw.started = mm.top.op("Greater", lw.past_length, mm.ex.i64(0), name="started")
+    instances = _cached_instances(g)
+    n_scans = sum(1 for n, _ in instances if n.op is Op.SCAN)
     seen: dict[str, int] = {}
-    for n, stack in _attention_instances(g):
-        if any(s.op is not Op.LOOP for s in stack):
-            raise ArchError("the K/V decode graph caches attention inside `repeat` loops only", n.span)
-        trips = [mm.ex.static_int(s.attr("trips"), "a loop trip count around attention", s.span) for s in stack]
-        site = n.attr("site") or n.out.name
-        seen[site] = seen.get(site, 0) + 1
-        base = site if seen[site] == 1 else f"{site}#{seen[site]}"
-        k_type, v_type = mm.lw.types[n.inputs[1]], mm.lw.types[n.inputs[2]]
-        dims_k = trips + [str(B), "P"] + _dims(k_type, mm.static)[2:]
-        dims_v = trips + [str(B), "P"] + _dims(v_type, mm.static)[2:]
-        pk = mm.add_input(f"past.{base}.key", TensorType(k_type.dtype, ()), dims=dims_k)
-        pv = mm.add_input(f"past.{base}.value", TensorType(v_type.dtype, ()), dims=dims_v)
-        mm.lw.cache_inputs[n.out.name] = (pk, pv)
-        mm.lw.cache_names[n.out.name] = base
-        if mm.lw.past_length is None:
-            mm.lw.past_length = mm.top.dim(pk, len(trips) + 1)
+    owners: dict[tuple[str, str], tuple[str, list[Node]]] = {}    # (K, V) IR values -> the attend caching them
+    for n, stack in instances:
+        if any(s.op not in (Op.LOOP, Op.FUSED) for s in stack):
+            raise ArchError(f"the decode graph caches {'attention' if n.op is Op.ATTEND else n.op.value} inside "
+                            "`repeat` loops only", n.span)
+        trips = [mm.ex.static_int(s.attr("trips"), "a loop trip count around a decode cache", s.span)
+                 for s in stack if s.op is Op.LOOP]
+        if n.op is Op.ATTEND:
+            if n.attr("kv_share"):
+                continue                                 # reads its source's cache (share_kv source / stochastic)
+            owner = owners.get((n.inputs[1], n.inputs[2]))
+            if owner is not None and [id(s) for s in owner[1]] == [id(s) for s in stack[:len(owner[1])]]:
+                lw.kv_owner[n.out.name] = owner[0]       # the same K/V values, visible here: one cache
+                continue
+            owners.setdefault((n.inputs[1], n.inputs[2]), (n.out.name, stack))
+            site = n.attr("site") or n.out.name
+            seen[site] = seen.get(site, 0) + 1
+            base = site if seen[site] == 1 else f"{site}#{seen[site]}"
+            k_type, v_type = lw.types[n.inputs[1]], lw.types[n.inputs[2]]
+            dims_k = trips + [str(B), "P"] + _dims(k_type, mm.static)[2:]
+            dims_v = trips + [str(B), "P"] + _dims(v_type, mm.static)[2:]
+            after = len(trips) + 1
+            pk = cache_input(f"past.{base}.key", k_type.dtype, dims_k, dims_k[:after] + ["P + T"] + dims_k[after + 1:])
+            pv = cache_input(f"past.{base}.value", v_type.dtype, dims_v, dims_v[:after] + ["P + T"] + dims_v[after + 1:])
+            lw.cache_inputs[n.out.name] = (pk, pv)
+            lw.cache_names[n.out.name] = base
+            if lw.past_length is None:
+                lw.past_length = mm.top.dim(pk, after)
+            continue
+        key = scan_key(n)
+        base = key
+        lw.cache_names[key] = base
+        if n.op is Op.SCAN:
+            nc = len(n.inputs) - 1
+            past = [cache_input(f"past.{base}.carry{i}", o.type.dtype, trips + _dims(o.type, mm.static))
+                    for i, o in enumerate(n.outputs[:nc])]
+            x_type = lw.types[n.inputs[0]]
+            R = "R" if n_scans == 1 else f"R{len([k for k in present_dims if k.endswith('.rest')])}"
+            dims = trips + [str(B), R] + _dims(x_type, mm.static)[2:]
+            past.append(cache_input(f"past.{base}.rest", x_type.dtype, dims,
+                                    trips + [str(B), R + "'"] + _dims(x_type, mm.static)[2:]))
+            lw.state_inputs[key] = past
+        else:
+            t = n.outputs[1].type if n.op is Op.LINEAR_ATTN else n.out.type
+            dims = _dims(t, mm.static)
+            if n.op is Op.LINEAR_SCAN:
+                dims = dims[:1] + dims[2:]               # the state of the last position: [B, ...]
+            lw.state_inputs[key] = [cache_input(f"past.{base}.state", t.dtype, trips + dims)]
     T = mm.top.dim(new, 1)
-    rng = mm.top.op("Range", mm.lw.past_length, mm.top.op("Add", mm.lw.past_length, T), mm.ex.i64(1), name="positions")
-    mm.lw.positions = mm.top.op("Unsqueeze", rng, mm.ex.i64([0]), name="positions")
-    results = mm.lw.region(mm.top, g.body, [new])
+    if lw.past_length is not None:
+        rng = mm.top.op("Range", lw.past_length, mm.top.op("Add", lw.past_length, T), mm.ex.i64(1), name="positions")
+        lw.positions = mm.top.op("Unsqueeze", rng, mm.ex.i64([0]), name="positions")
+    results = lw.region(mm.top, g.body, [new])
     for name, value, ir in zip(g.output_names, results, g.body.results):
-        mm.add_output(name, value, mm.lw.types[ir])
-    for name, value, elem, rank in mm.lw.exports:
-        past = next(i for i in mm.inputs if i.name == name.replace("present.", "past.", 1))
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in past.type.tensor_type.shape.dim]
-        dims[-3] = "P + T"
-        mm.add_output(name, value, elem=elem, dims=dims)
+        mm.add_output(name, value, lw.types[ir])
+    for name, value, elem, rank in lw.exports:
+        mm.add_output(name, value, elem=elem, dims=present_dims[name])
+    if state:
+        mm.add_output("present.length", mm.top.op("Add", lw.past_length, T, name="length"), elem=I64, dims=[])
     lossy = sorted({p.kind for p in g.policies if p.kind in ("prune_key_channels", "topk_decode")})
     notes = tuple(f"the decode graph's cache keeps every key at full width: the `{k}` policy (a decode-time policy of "
                   "the PyTorch module) is not applied, so outputs equal the full forward's" for k in lossy)
-    return mm.model("kv_decode", f"archc decode step of {g.name}: attention reads and extends explicit K/V caches", notes)
+    doc = ("attention reads and extends explicit K/V caches" if not state else
+           "attention K/V, segment scans' carries and open segments, and recurrences' states are explicit caches")
+    return mm.model(kind, f"archc decode step of {g.name}: {doc}", notes)

@@ -231,16 +231,34 @@ def _rope_decode(lw, sc, n, ins):
 
 @rule(Op.ATTEND, table=DECODE)
 def _attend_decode(lw, sc, n, ins):
-    """Append the new K/V to this attention's cache slice and attend over all of it (causal)."""
+    """Append the new K/V to this attention's cache slice and attend over all of it (causal).
+
+    K/V stored once (SPEC §21.4): an attend whose K/V values an earlier one already caches
+    (`insert-kv-sharing` made them data flow) attends over that one's; a `share_kv(source = ...)` /
+    `stochastic_share` consumer (inference: always the source) over its source's latest.
+    """
     q, k, v = ins[:3]
-    past_k, past_v = lw.cache_inputs[n.out.name]
-    for it in lw.loop_iters:                      # the slice of this loop step, outermost loop first
-        past_k = sc.op("Gather", past_k, it, axis=0)
-        past_v = sc.op("Gather", past_v, it, axis=0)
-    k_all = sc.op("Concat", past_k, k, axis=1)
-    v_all = sc.op("Concat", past_v, v, axis=1)
-    base = lw.cache_names[n.out.name]
-    lw.exports += [(f"present.{base}.key", k_all, F32, 4), (f"present.{base}.value", v_all, F32, 4)]
+    share = n.attr("kv_share") or ""
+    if share:
+        src = share.split(":")[-1]
+        if share.startswith("recursion:") or ("from", src) not in lw.state:
+            raise ArchError(f"the decode graph cannot read the K/V `{n.attr('site')}` shares ({share})", n.span)
+        k_all, v_all, _ = lw.state[("from", src)]
+    elif n.out.name in lw.kv_owner:
+        k_all, v_all = lw.kv_values[lw.kv_owner[n.out.name]]
+    else:
+        past_k, past_v = lw.cache_inputs[n.out.name]
+        for it in lw.loop_iters:                      # the slice of this loop step, outermost loop first
+            past_k = sc.op("Gather", past_k, it, axis=0)
+            past_v = sc.op("Gather", past_v, it, axis=0)
+        k_all = sc.op("Concat", past_k, k, axis=1)
+        v_all = sc.op("Concat", past_v, v, axis=1)
+        base = lw.cache_names[n.out.name]
+        lw.exports += [(f"present.{base}.key", k_all, F32, 4), (f"present.{base}.value", v_all, F32, 4)]
+    lw.kv_values[n.out.name] = (k_all, v_all)
+    site = n.attr("site")
+    if site and ("from", site) in lw.sources:
+        lw.state[("from", site)] = [k_all, v_all, _default_kpos(sc, k_all)]
     out = attention(sc, q, k_all, v_all, **_attend_shape(lw, n, n.inputs), causal=True,
                     window=_optional_scalar(sc, n.attr("window", 0)), prefix=None, qpos=lw.positions)
     return [out]

@@ -25,7 +25,7 @@ class Lowerer:
     def __init__(self, g: Graph, ex: Exporter, mode: str = "forward"):
         self.g = g
         self.ex = ex
-        self.mode = mode                    # "forward" or "kv_decode" (cache-reading attention and rope)
+        self.mode = mode                    # "forward" or "kv_decode" (cache-reading rules: the DECODE table)
         self.env: dict[str, str] = {}
         self.types: dict[str, TensorType] = {a.name: a.type for a in g.inputs}
         self.producer: dict[str, Node] = {}
@@ -42,7 +42,11 @@ class Lowerer:
         self.stores = {n.attr("site") for n in g.walk() if n.op is Op.KV_READ}   # sites a kv_read reads
         self._check_share_order()
         self.cache_inputs: dict[str, tuple[str, str]] = {}   # decode: attend result -> (past K, past V) inputs
-        self.cache_names: dict[str, str] = {}
+        self.cache_names: dict[str, str] = {}      # decode: attend / scan / recurrence -> its cache's name
+        self.kv_owner: dict[str, str] = {}         # decode: attend result -> the attend whose K/V cache it reads
+        self.kv_values: dict[str, tuple[str, str]] = {}   # decode: attend result -> its K/V over every position
+        self.state_inputs: dict[str, list[str]] = {}      # decode: scan / recurrence -> its past state inputs
+        self.started: str | None = None     # decode: bool scalar, past.length > 0 (else initial states)
         self.loop_iters: list[str] = []     # iteration counters of the enclosing Loops (decode caches)
         self.exports: list[tuple[str, str, int, int]] = []    # (output name, value, elem, rank) to bubble up
         self.positions: str | None = None   # decode: absolute positions of the new tokens [1, T]
@@ -496,4 +500,4 @@ def slice_from(sc: Scope, x: str, start: str, axis: int) -> str:
     return sc.op("Slice", x, s, sc.ex.i64([INT64_MAX]), sc.ex.i64([axis]))
 
 
-from archc.backends.onnx import kernels, regions  # noqa: F401  (they register their rules)
+from archc.backends.onnx import kernels, regions, state  # noqa: F401  (they register their rules)

@@ -262,6 +262,10 @@ def _route_topk(lw, sc, n, ins):
     x, score, *rest = ins
     among = rest.pop(0) if n.attr("has_among") else None
     weight = rest.pop(0) if n.attr("has_weight") else None
+    if n.attr("has_infer"):
+        # an exported graph is for inference: each token by its own `infer` mask (SPEC §9.1)
+        sel = rest.pop(0) if among is None else sc.op("And", rest[0], among)
+        return [_per_sample(lw, sc, n, x, sel, weight), sel]
     x_rank = lw.rank(n.inputs[0])
     T = sc.dim(x, 1)
     # k = max(1, floor(capacity * T + 1e-9)), in double precision as the interpreter computes it
@@ -302,10 +306,13 @@ def _sorted_values(sc: Scope, idx: str, k: str) -> str:
 @rule(Op.ROUTE_MASK)
 def _route_mask(lw, sc, n, ins):
     """Per sample: run the region on that sample's masked tokens (batch 1), gate, write back."""
+    return [_per_sample(lw, sc, n, ins[0], ins[1], ins[2] if n.attr("has_weight") else None)]
+
+
+def _per_sample(lw, sc, n, x: str, mask: str, weight: str | None) -> str:
+    """Each sample runs the region on its own masked tokens (batch 1), gated, written back."""
     e = sc.ex
     r = n.regions[0]
-    x, mask = ins[0], ins[1]
-    weight = ins[2] if n.attr("has_weight") else None
     x_rank = lw.rank(n.inputs[0])
     elem = _elem(lw, n.inputs[0])
     lb = LoopBody(lw, sc, r, None)
@@ -345,7 +352,7 @@ def _route_mask(lw, sc, n, ins):
                     then_branch=empty.graph("route_mask_empty"), else_branch=some.graph("route_mask_some"))
     thread_after(lw, keys, outs[1:])
     _, (rows,) = lb.finish(sc.dim(x, 0), [], [(outs[0], elem, x_rank - 1)])
-    return [rows]
+    return rows
 
 
 # -- fused ---------------------------------------------------------------------------------------------
@@ -362,6 +369,11 @@ def _fused(lw, sc, n, ins):
 
 @rule(Op.SCAN)
 def _scan(lw, sc, n, ins):
+    results, _, _ = scan_segments(lw, sc, n, ins[0], ins[1:])
+    return results
+
+
+def scan_segments(lw: Lowerer, sc: Scope, n: Node, x: str, init: list[str]) -> tuple[list[str], list[str], str]:
     """Segments of `size` along axis 1 (SPEC §8.5): a Loop over the q = floor(T/size) whole segments
     (x[:, :q*size] viewed as [B, q, size, ...]), then, when T leaves a remainder r, an If that runs
     the body once more on x[:, q*size:] with the size symbol bound to r inside it (as the
@@ -369,12 +381,15 @@ def _scan(lw, sc, n, ins):
 
     A scan that cannot run a short segment (`partial_segment_blocker`) views the whole input as
     [B, T/size, size, ...]: a length that is not a multiple fails in that Reshape, whose name says so.
+
+    Returns (the scan's results, the carries after the whole segments, the whole segments' length
+    q*size as an int64 scalar): the decode step (`state.py`) commits those carries and keeps
+    x[:, q*size:] as the open segment.
     """
     from archc.ir.analysis import partial_segment_blocker
     e = sc.ex
     hint = e.hint
     r = n.regions[0]
-    x, init = ins[0], ins[1:]
     size_e = as_expr(n.attr("size"))
     size = sc.int_expr(size_e)
     blocked = "its segment length is 1" if e.number(size_e) == 1 else partial_segment_blocker(lw.g, n)
@@ -402,8 +417,10 @@ def _scan(lw, sc, n, ins):
     ys = [(_elem(lw, name), lw.rank(name)) for name in r.results[nc:]]
     carried, per_seg = lb.finish(q, results[:nc], [(v, elem, rank) for v, (elem, rank) in zip(results[nc:], ys)])
     if blocked is not None:
-        return carried + [_joined(sc, v, rank, st) for v, (_, rank), st in zip(per_seg, ys, stacked)]
-    return _short_segment(lw, sc, n, x, q, size, size_e, carried, per_seg, ys, stacked)
+        joined = [_joined(sc, v, rank, st) for v, (_, rank), st in zip(per_seg, ys, stacked)]
+        return carried + joined, carried, sc.dim(x, 1)
+    start = sc.op("Mul", q, size, name="whole_length")
+    return _short_segment(lw, sc, n, x, q, start, size, size_e, carried, per_seg, ys, stacked), carried, start
 
 
 def _joined(sc: Scope, per_seg: str, rank: int, stacked: bool) -> str:
@@ -415,14 +432,14 @@ def _joined(sc: Scope, per_seg: str, rank: int, stacked: bool) -> str:
     return moved
 
 
-def _short_segment(lw: Lowerer, sc: Scope, n: Node, x: str, q: str, size: str, size_e, carried: list[str],
-                   per_seg: list[str], ys: list[tuple[int, int]], stacked: list[bool]) -> list[str]:
-    """If T mod size > 0: the body on x[:, q*size:] with the size symbol bound to the remainder, its
-    carries the scan's, its yields appended (after the whole segments' when q > 0); else the Loop's."""
+def _short_segment(lw: Lowerer, sc: Scope, n: Node, x: str, q: str, start: str, size: str, size_e,
+                   carried: list[str], per_seg: list[str], ys: list[tuple[int, int]], stacked: list[bool]) -> list[str]:
+    """If T mod size > 0: the body on x[:, q*size:] (`start` = q*size) with the size symbol bound to
+    the remainder, its carries the scan's, its yields appended (after the whole segments' when q > 0);
+    else the Loop's."""
     e = sc.ex
     hint = e.hint
     r = n.regions[0]
-    start = sc.op("Mul", q, size, name="whole_length")
     rest = sc.op("Sub", sc.dim(x, 1), start, name="short_length")
     keys = state_keys(lw, r)
     _ensure_state(lw, sc, keys)

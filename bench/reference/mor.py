@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 
 from bench.reference.common import SelfAttention, SwiGLU, load_archc_state
@@ -45,6 +46,7 @@ class MoRRef(nn.Module):
         x = self.first(self.embed(tokens))
         B, T, d = x.shape
         active = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        router_bce = torch.zeros(B, T, device=x.device)
         for r in range(self.n_r):
             score = self.router(x)[..., 0]
             k = max(1, math.floor((self.n_r - r) / self.n_r * T + 1e-9))
@@ -59,7 +61,9 @@ class MoRRef(nn.Module):
             new = torch.where(valid[..., None], x_sel + w * (y - x_sel), x_sel)
             x = x.scatter(1, index, new)
             active = torch.zeros_like(active).scatter(1, pos, valid)
-        return {"logits": self.head(self.norm(self.last(x))), "depth_mask": active}
+            # the router's BCE towards the top-k choice (the paper's auxiliary loss), per token
+            router_bce = router_bce + (F.softplus(score) - active.float() * score) / self.n_r
+        return {"logits": self.head(self.norm(self.last(x))), "depth_mask": active, "router_bce": router_bce}
 
     def load_archc_state(self, state):
         return load_archc_state(self, state, stacked={"core.": "core.{i}."})

@@ -1,10 +1,12 @@
 """Titans, Memory-as-Context (Behrouz et al. 2024), hand-written.
 
 The long-term memory is a 2-layer MLP whose weights are per-sequence state. Each segment reads the
-memory with its queries, attends over [persistent tokens; memory answer; segment] (the first
-persist + seg keys visible to all, causal within the segment), then writes the memory with one
-inner gradient step on sum_t lr_t * mean((M(k_t) - v_t)^2) with momentum and a forget gate,
-computed per sample with torch.func (grad under vmap), and gates its output with the new memory.
+memory with its queries, attends over [persistent tokens; memory answer; segment] (causal: the
+persistent keys visible to all, the memory answer for position j from position j on, causal within
+the segment), then writes the memory with one inner gradient step on
+sum_t lr_t * mean((M(k_t) - v_t)^2) with momentum and a forget gate, computed per sample with
+torch.func (grad under vmap), and gates its output with the memory before the write (the last
+position: after it).
 """
 from __future__ import annotations
 
@@ -72,8 +74,11 @@ class TitansMACRef(nn.Module):
         x = self.embed(tokens)
         n = self.persist + 2 * self.seg
         visible = self.persist + self.seg
-        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        mask[:, :visible] = True
+        # causal, and a key visible to a query when its segment position (-1: persistent) is at
+        # most the query's: the memory token h_j = M(q_j) is seen from segment position j on
+        seg_pos = torch.arange(self.seg, device=x.device)
+        slot = torch.cat([torch.full((self.persist,), -1, device=x.device), seg_pos, seg_pos])
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril() & (slot[None, :] <= slot[:, None])
         w0 = self.ltm.w0.expand(B, -1, -1)
         w1 = self.ltm.w1.expand(B, -1, -1)
         m0, m1 = torch.zeros_like(w0), torch.zeros_like(w1)
@@ -85,10 +90,12 @@ class TitansMACRef(nn.Module):
             lr = self.max_lr * torch.sigmoid(self.lr_gate(o)[..., 0])
             eta = torch.sigmoid(self.momentum_gate(o)[..., 0].mean(1))[:, None, None]
             alpha = torch.sigmoid(self.forget_gate(o)[..., 0].mean(1))[:, None, None]
+            q = F.normalize(self.query(o), dim=-1, eps=1e-6)
+            early = vmap(memory_apply)(w0, w1, q[:, :-1])          # before this segment's write
             g0, g1 = _inner_grad(w0, w1, F.normalize(self.key(o), dim=-1, eps=1e-6), self.value(o), lr)
             m0, m1 = eta * m0 - g0, eta * m1 - g1
             w0, w1 = (1 - alpha) * w0 + m0, (1 - alpha) * w1 + m1
-            read = vmap(memory_apply)(w0, w1, F.normalize(self.query(o), dim=-1, eps=1e-6))
+            read = torch.cat([early, vmap(memory_apply)(w0, w1, q[:, -1:])], dim=1)
             outputs.append(o * torch.sigmoid(read))
         return self.head(self.norm(torch.cat(outputs, dim=1)))
 
