@@ -824,7 +824,18 @@ def _cached_rope(em: _Emitter, n: Node, indent: int):
 
 
 def _cached_concat(em: _Emitter, n: Node, indent: int):
-    """A sequence-free prefix before the sequence: on the first call only (its K/V stay cached)."""
+    """A sequence-free prefix before the sequence: on the first call only (its K/V stay cached). A
+    delay line (`concat([A, x[:, :T-P]])`): the step keeps x's last P positions (A before any)."""
+    from archc.ir.analysis import delay_lines
+    line = delay_lines(em.g).get(n.out.name)
+    if line is not None:
+        a, _, x = (em.v(v) for v in line)
+        key = _site_key(em, n, site=f"delay:{n.out.name}")
+        full = em.ns.claim(f"delayed:{n.out.name}", "delayed")
+        em.out(f"{full} = torch.cat([cache.recurrent_state({key}, {a}), {x}], dim=1)", indent)
+        em.out(f"cache.keep_recurrent_state({key}, {full}[:, {x}.shape[1]:])", indent)
+        em.out(f"{em.v(n.out.name)} = {full}[:, :{x}.shape[1]]", indent)
+        return
     if _offset(em, n.out.name) is None:
         _uncached(em, n, indent)
         return

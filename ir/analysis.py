@@ -110,10 +110,17 @@ def decode_blocker(g: Graph, state: bool = True, torch_step: bool = False) -> st
     def offset(name: str):
         return seq_offset(types[name], T)
 
+    lines = delay_lines(g)
+    delays = {cut for _, cut, _ in lines.values()}            # the cut values only a delay reads
+
     def prefixed(n: Node) -> str | None:
         """None when `n` is an allowed piece of the prefix pattern; else why not (only for the ops
         the pattern involves)."""
         out = offset(n.out.name)
+        if n.op is Op.CONCAT and n.out.name in lines:
+            return None                      # a delay line: the step keeps the last P positions
+        if n.op is Op.SLICE and n.out.name in delays:
+            return None
         if n.op is Op.CONCAT:
             if n.attr("axis") != 1 or len(n.inputs) != 2 or out in (None, 0):
                 return "reduces or indexes along the sequence"
@@ -193,6 +200,37 @@ def decode_blocker(g: Graph, state: bool = True, torch_step: bool = False) -> st
         return None
 
     return check(g.body)
+
+
+def delay_lines(g: Graph) -> dict[str, tuple[str, str, str]]:
+    """`concat([A, x[:, :T-P]], axis = 1)`: x delayed by P positions behind a sequence-free A of P
+    positions (the previous token's value: `concat([zeros([B, 1, d]), x[:, :-1]], axis = 1)`).
+    By the concat's result: (A, the cut x[:, :T-P], x). The cut may have no other reader."""
+    tok = lm_token_input(g)
+    if tok is None:
+        return {}
+    T = tok.type.shape[1]
+    types = value_types(g)
+    defs = {o.name: m for m in g.walk() for o in m.outputs}
+    readers: dict[str, int] = {}
+    for m in g.walk():
+        for i in reads_of([m]):
+            readers[i] = readers.get(i, 0) + 1
+    out = {}
+    for n in g.walk():
+        if n.op is not Op.CONCAT or n.attr("axis") != 1 or len(n.inputs) != 2:
+            continue
+        if seq_offset(n.out.type, T) != 0:
+            continue
+        a, cut = types[n.inputs[0]], defs.get(n.inputs[1])
+        if a.rank is None or a.rank < 2 or as_expr(a.shape[1]).has(T) or cut is None or cut.op is not Op.SLICE:
+            continue
+        p = as_expr(a.shape[1])
+        if (cut.attr("axis") == 1 and as_expr(cut.attr("start")) == 0 and seq_offset(types[cut.inputs[0]], T) == 0
+                and dims_equal(cut.attr("stop"), T - p) is True and readers.get(cut.out.name) == 1
+                and cut.out.name not in g.body.results):
+            out[n.out.name] = (n.inputs[0], cut.out.name, cut.inputs[0])
+    return out
 
 
 def seq_offset(t, T) -> sympy.Expr | None:

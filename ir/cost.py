@@ -515,9 +515,14 @@ def decode_state_bytes(g: Graph) -> sympy.Expr | None:
     total = cost(g, kv_sites=lambda site: site not in inside | inferred).kv_cache_bytes
     types = value_types(g)
 
+    from archc.ir.analysis import delay_lines
+    lines = delay_lines(g)
+
     def walk(r: Region, mult: sympy.Expr, routed: bool = False, compacted=None) -> sympy.Expr:
         out = ZERO
         for n in r.nodes:
+            if n.op is Op.CONCAT and n.out.name in lines:      # a delay line keeps its last P positions
+                out += mult * _bytes(types[lines[n.out.name][0]])
             if n.op is Op.ATTEND and routed:
                 out += mult * B * T                  # which positions the route selected (bool per token)
             if n.op is Op.ATTEND and compacted is not None:
