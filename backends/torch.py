@@ -112,6 +112,7 @@ class _Emitter:
                            if n.op is Op.ROUTE_TOPK and n.attr("schedule") != "mask"}
         self.kv_owner: dict[tuple[str, str], str] = {}   # cached step: (k, v) -> the cache key that stores them
         self.kv_valid: str | None = None     # cached step inside a masked route: its selection (bool [B, n])
+        self.delays: dict | None = None      # cached step: the graph's delay lines (analysis.delay_lines), once
         self.read: set[str] = reads_of(g.body.nodes, g.body.results)   # every value some node or region reads
         self.runtime: set[str] = set()
         self.uses_math = False
@@ -826,8 +827,10 @@ def _cached_rope(em: _Emitter, n: Node, indent: int):
 def _cached_concat(em: _Emitter, n: Node, indent: int):
     """A sequence-free prefix before the sequence: on the first call only (its K/V stay cached). A
     delay line (`concat([A, x[:, :T-P]])`): the step keeps x's last P positions (A before any)."""
-    from archc.ir.analysis import delay_lines
-    line = delay_lines(em.g).get(n.out.name)
+    if em.delays is None:
+        from archc.ir.analysis import delay_lines
+        em.delays = delay_lines(em.g)
+    line = em.delays.get(n.out.name)
     if line is not None:
         a, _, x = (em.v(v) for v in line)
         key = _site_key(em, n, site=f"delay:{n.out.name}")

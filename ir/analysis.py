@@ -178,10 +178,6 @@ def decode_blocker(g: Graph, state: bool = True, torch_step: bool = False) -> st
         return None
 
     def check(r: Region) -> str | None:
-        if r is g.body and state:
-            why = stale_cache_blocker(g)
-            if why is not None:
-                return why
         for n in r.nodes:
             why = check_node(n)
             if why is not None:
@@ -199,6 +195,10 @@ def decode_blocker(g: Graph, state: bool = True, torch_step: bool = False) -> st
                 seq_dims.pop()
         return None
 
+    if state:
+        why = stale_cache_blocker(g)
+        if why is not None:
+            return why
     return check(g.body)
 
 
@@ -378,6 +378,7 @@ def segment_causal_blocker(n: Node) -> str | None:
         value_types_cache.update((o.name, o.type) for o in m.outputs)
         for sub in m.regions:
             value_types_cache.update((a.name, a.type) for a in sub.args)
+    first: Node | None = None                    # the first op that mixes positions
     for m in r.nodes:
         reads = list(m.inputs) + [x for sub in m.regions for x in free_values(sub)]
         level = max((tag.get(x, _FREE) for x in reads), default=_FREE)
@@ -410,14 +411,13 @@ def segment_causal_blocker(n: Node) -> str | None:
                                                        for w in m.inputs[1:]))
         for o in m.outputs:
             tag[o.name] = out
-        if out == _MIXED and m.outputs and all(tag.get(x, _FREE) != _MIXED for x in reads):
-            first = m                                # the first op that mixes positions
-            tag.setdefault("__first__", first)       # type: ignore[arg-type]
+        if first is None and out == _MIXED and m.outputs and all(tag.get(x, _FREE) != _MIXED for x in reads):
+            first = m
     nc = len(n.inputs) - 1
     for y, st in zip(r.results[nc:], n.attr("stacked", ())):
         if not st and tag.get(y, _FREE) == _MIXED:
-            m = tag.get("__first__")
-            where = f"`{m.op.value}`" + (f" at line {m.span.line}" if m.span else "") if isinstance(m, Node) else "its body"
+            where = (f"`{first.op.value}`" + (f" at line {first.span.line}" if first.span else "")
+                     if first is not None else "its body")
             return f"its yields mix positions of their segment ({where})"
     return None
 
