@@ -537,7 +537,33 @@ def test_kv_read_from_kv_sharing_insertion_matches_interpreter():
     assert any(n.op is Op.KV_READ for n in g.walk())
     w = seeded_weights(g0, seed=4)
     sess = session(export_forward(g, w).model, threads=1)
-    inputs = example_inputs(g, seq=9, seed=int(time.time() * 1000) % 10_000)
-    for n_r in (2, 3, 4):
-        ref = run(g0, _torch_weights(w), inputs, bindings={"n_r": n_r})
+    seed = int(time.time() * 1000) % 10_000
+    while True:
+        # a top-k whose k-th and (k+1)-th scores are within float noise is decided by rounding (seed
+        # 230: a gap of 5e-7); such draws are not what this test is about, so draw again
+        inputs = example_inputs(g, seq=9, seed=seed)
+        refs, gap = _with_topk_gap(lambda: [run(g0, _torch_weights(w), inputs, bindings={"n_r": n_r})
+                                            for n_r in (2, 3, 4)])
+        if gap > 1e-4:
+            break
+        seed += 1
+    for n_r, ref in zip((2, 3, 4), refs):
         _check(_run(sess, dict(_feeds(inputs), n_r=np.array(n_r, np.int64))), ref)
+
+
+def _with_topk_gap(fn):
+    """fn()'s result and the smallest gap between the k-th and (k+1)-th routed score it met."""
+    from archc.backends import torch_runtime as rt
+    select, gaps = rt.route_select, [float("inf")]
+
+    def spy(score, k, among=None):
+        s = score if among is None else score.masked_fill(~among, float("-inf"))
+        if k < s.shape[1]:
+            top = s.topk(k + 1, dim=1).values
+            gaps.append((top[:, k - 1] - top[:, k]).abs().min().item())
+        return select(score, k, among)
+    rt.route_select = spy
+    try:
+        return fn(), min(gaps)
+    finally:
+        rt.route_select = select
